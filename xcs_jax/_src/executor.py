@@ -1,0 +1,117 @@
+"""The one place with threads.
+
+Host calls run on one thread pool per (provider, concurrency limit): the pool's
+size *is* the limit, so however many batches are in flight, a provider never
+sees more than `limit` calls at once. Work that only waits on other work (a
+batched call gathering its items, a scheduler node) runs on the coordinator
+pool, so a waiting task never holds a provider slot (which could deadlock).
+
+Every batch runs inside a `CallContext`: the first failure cancels the
+siblings that have not started, tells the running ones to stop (cooperative:
+providers sleep and poll through the context) and re-raises after all of them
+ended. No call is left running behind the caller's back.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import threading
+import time
+from typing import Callable, Sequence, TypeVar
+
+from xcs_jax._src.errors import XCSCancelledError, XCSTimeoutError
+
+T = TypeVar("T")
+
+_COORDINATOR_WORKERS = 1024
+_pools: dict[tuple[str, int], cf.ThreadPoolExecutor] = {}
+_pools_lock = threading.Lock()
+
+
+class CallContext:
+  """Cancellation shared by the calls of one batch or one scheduled program."""
+
+  __slots__ = ("_cancelled",)
+
+  def __init__(self) -> None:
+    self._cancelled = threading.Event()
+
+  def cancel(self) -> None:
+    self._cancelled.set()
+
+  @property
+  def cancelled(self) -> bool:
+    return self._cancelled.is_set()
+
+  def check(self) -> None:
+    """Raises `XCSCancelledError` if a sibling call already failed."""
+    if self._cancelled.is_set():
+      raise XCSCancelledError("cancelled: a sibling call failed first")
+
+  def sleep(self, seconds: float, *, deadline: float | None = None,
+            timeout_s: float | None = None) -> None:
+    """Sleeps `seconds`, waking early (and raising) on cancellation or deadline.
+
+    Args:
+      seconds: how long to sleep.
+      deadline: a `time.monotonic()` value; past it, raise `XCSTimeoutError`.
+      timeout_s: the timeout the deadline came from, for the message.
+    """
+    wake = time.monotonic() + seconds
+    if deadline is not None and deadline < wake:
+      if self._cancelled.wait(max(0.0, deadline - time.monotonic())):
+        self.check()
+      raise XCSTimeoutError(f"the call ran past its timeout of {timeout_s} s")
+    if self._cancelled.wait(max(0.0, wake - time.monotonic())):
+      self.check()
+
+
+def provider_pool(name: str, limit: int) -> cf.ThreadPoolExecutor:
+  """The shared pool of provider `name` with `limit` workers."""
+  key = (name, int(limit))
+  pool = _pools.get(key)
+  if pool is None:
+    with _pools_lock:
+      pool = _pools.get(key)
+      if pool is None:
+        pool = cf.ThreadPoolExecutor(max_workers=key[1],
+                                     thread_name_prefix=f"xcs-{name}")
+        _pools[key] = pool
+  return pool
+
+
+def coordinator_pool() -> cf.ThreadPoolExecutor:
+  """The pool for tasks that mostly wait on other tasks."""
+  return provider_pool("coordinator", _COORDINATOR_WORKERS)
+
+
+def wait_all(futures: Sequence[cf.Future], ctx: CallContext) -> list:
+  """Results of `futures`, failing fast.
+
+  On the first exception: cancel the context and the futures not yet started,
+  wait for the running ones to end, and raise the first real error (a
+  sibling's `XCSCancelledError` only when nothing else failed).
+  """
+  _, pending = cf.wait(futures, return_when=cf.FIRST_EXCEPTION)
+  if pending:
+    ctx.cancel()
+    for f in pending:
+      f.cancel()
+    cf.wait(pending)
+  if any(f.cancelled() for f in futures):
+    ctx.cancel()
+  errors = [f.exception() for f in futures
+            if not f.cancelled() and f.exception() is not None]
+  real = [e for e in errors if not isinstance(e, XCSCancelledError)]
+  if real or errors:
+    raise (real or errors)[0]
+  if ctx.cancelled and any(f.cancelled() for f in futures):
+    raise XCSCancelledError("cancelled: a sibling call failed first")
+  return [f.result() for f in futures]
+
+
+def map_concurrent(fn: Callable[[int], T], n: int, *, pool: cf.ThreadPoolExecutor,
+                   ctx: CallContext) -> list[T]:
+  """`[fn(0), ..., fn(n-1)]`, run concurrently on `pool`, failing fast."""
+  if n == 1:
+    return [fn(0)]
+  return wait_all([pool.submit(fn, i) for i in range(n)], ctx)

@@ -1,0 +1,178 @@
+"""`host_op`: any Python host function as a JAX primitive."""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from xcs_jax._src.errors import XCSTimeoutError
+from xcs_jax._src.executor import CallContext, coordinator_pool, provider_pool
+from xcs_jax._src.primitives import HostCallOp, bind_host_call, make_host_primitive
+from xcs_jax._src.source import user_source
+
+host_op_p = make_host_primitive("xcs_host_op")
+
+DEFAULT_CONCURRENCY = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class _StaticSpec:
+  """A pytree of ShapeDtypeStructs held hashably."""
+  treedef: Any
+  leaves: tuple
+
+  def __call__(self, *unused_in_specs):
+    return jax.tree_util.tree_unflatten(self.treedef, self.leaves)
+
+
+def _as_spec_fn(out_spec, name: str) -> Callable:
+  if callable(out_spec) and not isinstance(out_spec, jax.ShapeDtypeStruct):
+    return out_spec
+  leaves, treedef = jax.tree_util.tree_flatten(out_spec)
+  bad = [l for l in leaves if not isinstance(l, jax.ShapeDtypeStruct)]
+  if not leaves or bad:
+    raise TypeError(
+        f"`host_op({name}, out_spec=...)` must be a pytree of `jax.ShapeDtypeStruct` or "
+        f"a callable from the inputs' ShapeDtypeStructs to one; got {out_spec!r}.")
+  return _StaticSpec(treedef, tuple(leaves))
+
+
+@dataclasses.dataclass(frozen=True)
+class HostFnOp(HostCallOp):
+  """The primitive param of a `host_op` call site."""
+
+  fn: Callable
+  spec_fn: Callable
+  in_treedef: Any
+  vectorized: bool
+  name: str
+  concurrency: int
+  timeout_s: float | None
+
+  kind = "host_op"
+
+  def describe(self) -> str:
+    return f"host_op {self.name}"
+
+  def pool(self):
+    return provider_pool(f"host_op:{self.name}", self.concurrency)
+
+  def out_tree(self, in_avals):
+    in_specs = jax.tree_util.tree_unflatten(
+        self.in_treedef, [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in in_avals])
+    out = self.spec_fn(*in_specs)
+    leaves, treedef = jax.tree_util.tree_flatten(out)
+    if not leaves or not all(isinstance(l, jax.ShapeDtypeStruct) for l in leaves):
+      raise TypeError(f"`out_spec` of {self.describe()} must give a pytree of "
+                      f"jax.ShapeDtypeStruct; it gave {out!r}.")
+    return leaves, treedef
+
+  def out_avals(self, in_avals):
+    return self.out_tree(in_avals)[0]
+
+  def _call(self, args):
+    if self.timeout_s is None:
+      return self.fn(*args)
+    future = coordinator_pool().submit(self.fn, *args)
+    try:
+      return future.result(timeout=self.timeout_s)
+    except cf.TimeoutError:
+      # Python cannot stop a running function: it finishes in the background.
+      raise XCSTimeoutError(
+          f"{self.describe()} ran past its timeout of {self.timeout_s} s") from None
+
+  def _check_outputs(self, result, specs, treedef, batch: int | None):
+    leaves, got_tree = jax.tree_util.tree_flatten(result)
+    if got_tree != treedef:
+      raise TypeError(f"{self.describe()} returned a {got_tree} but `out_spec` says "
+                      f"{treedef}: return arrays in the structure of `out_spec`.")
+    outs = []
+    for k, (x, s) in enumerate(zip(leaves, specs)):
+      x = np.asarray(x)
+      want = s.shape if batch is None else (batch,) + tuple(s.shape)
+      if x.shape != tuple(want) or not np.can_cast(x.dtype, s.dtype, "same_kind"):
+        raise TypeError(
+            f"{self.describe()} returned output {k} with shape {x.shape} and dtype "
+            f"{x.dtype}; `out_spec` says shape {tuple(want)} and dtype "
+            f"{np.dtype(s.dtype)}. Fix the function or its `out_spec`.")
+      outs.append(x.astype(s.dtype, copy=False))
+    return outs
+
+  def run_example(self, ctx: CallContext, *inputs):
+    ctx.check()
+    specs, treedef = self.out_tree(inputs)
+    args = jax.tree_util.tree_unflatten(self.in_treedef, list(inputs))
+    return self._check_outputs(self._call(args), specs, treedef, None)
+
+  def run_batch(self, ctx, inputs, in_batched, n, source):
+    if not self.vectorized:
+      return super().run_batch(ctx, inputs, in_batched, n, source)
+    full = [x if b else np.broadcast_to(x, (n,) + x.shape)
+            for x, b in zip(inputs, in_batched)]
+    example = [x[0] for x in full]
+    specs, treedef = self.out_tree(example)
+    args = jax.tree_util.tree_unflatten(self.in_treedef, full)
+    try:
+      return self._check_outputs(self._call(args), specs, treedef, n)
+    except Exception as e:
+      raise self.execution_error(e, source) from e
+
+
+def host_op(fn: Callable | None = None, *, out_spec: Any, vectorized: bool = False,
+            name: str | None = None, concurrency: int = DEFAULT_CONCURRENCY,
+            timeout_s: float | None = None):
+  """Makes a Python host function a JAX primitive.
+
+  Args:
+    fn: a function of numpy arrays (one example) returning arrays matching
+      `out_spec`. Use as `host_op(fn, out_spec=...)` or as a decorator.
+    out_spec: a pytree of `jax.ShapeDtypeStruct`, or a callable from the
+      inputs' ShapeDtypeStructs (one example) to one.
+    vectorized: if True, under `vmap` `fn` is called once with the whole batch
+      (every input and output gets a leading batch axis); otherwise once per
+      example, concurrently on a pool of `concurrency` threads.
+    name: a readable name for errors and `xcs_jax.explain` (default: fn's name).
+    concurrency: calls of this op in flight at once.
+    timeout_s: per-call timeout. Python cannot stop a running function: past
+      the timeout the call raises `XCSTimeoutError` and the function finishes
+      in the background.
+
+  Returns:
+    A function of JAX arrays (or pytrees of them) that works under `jax.jit`,
+    `vmap`, `pmap` and `xcs_jax.jit`.
+
+  Examples:
+    >>> @host_op(out_spec=jax.ShapeDtypeStruct((), jnp.float32))
+    ... def norm(x):
+    ...   return np.linalg.norm(x).astype(np.float32)
+  """
+  if fn is None:
+    return functools.partial(host_op, out_spec=out_spec, vectorized=vectorized, name=name,
+                             concurrency=concurrency, timeout_s=timeout_s)
+  if not callable(fn):
+    raise TypeError(f"`host_op(fn, ...)` needs a callable `fn`; got {type(fn).__name__}.")
+  op_name = name or getattr(fn, "__name__", "host_fn")
+  spec_fn = _as_spec_fn(out_spec, op_name)
+  if not isinstance(concurrency, int) or concurrency <= 0:
+    raise ValueError(f"`host_op({op_name}, concurrency=...)` must be a positive int; "
+                     f"got {concurrency!r}.")
+  if timeout_s is not None and not timeout_s > 0:
+    raise ValueError(f"`host_op({op_name}, timeout_s=...)` must be > 0 or None; "
+                     f"got {timeout_s!r}.")
+
+  @functools.wraps(fn)
+  def call(*args):
+    leaves, treedef = jax.tree_util.tree_flatten(args)
+    leaves = [jax.numpy.asarray(x) for x in leaves]
+    op = HostFnOp(fn, spec_fn, treedef, bool(vectorized), op_name, concurrency, timeout_s)
+    _, out_tree = op.out_tree(leaves)
+    outs = bind_host_call(host_op_p, op, leaves, batch_ndim=0,
+                          in_batched=[False] * len(leaves), source=user_source())
+    return jax.tree_util.tree_unflatten(out_tree, outs)
+
+  call.host_fn = fn
+  return call

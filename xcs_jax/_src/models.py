@@ -1,0 +1,236 @@
+"""Model bindings: `bind("provider:model", **params)` and the calls they make."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from xcs_jax._src import text as text_lib
+from xcs_jax._src.executor import CallContext, provider_pool
+from xcs_jax._src.primitives import HostCallOp, bind_host_call, make_host_primitive
+from xcs_jax._src.providers import base
+from xcs_jax._src.source import user_source
+
+generate_p = make_host_primitive("xcs_generate")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelBinding:
+  """An immutable, hashable handle on one model with fixed parameters.
+
+  Make one with `xcs_jax.models.bind`. Calling it on a uint8 text array
+  `[..., max_len]` generates one answer per prompt, as a text array
+  `[..., output_bytes]`; leading axes are a batch of prompts, answered
+  concurrently.
+
+  Attributes:
+    provider: the provider name (``"local"``, ``"openai"``, ``"fake"``, ...).
+    model: the model name within the provider.
+    params: every parameter, defaults included, as sorted (name, value) pairs.
+  """
+
+  provider: str
+  model: str
+  params: tuple[tuple[str, Any], ...]
+
+  def get(self, name: str) -> Any:
+    for k, v in self.params:
+      if k == name:
+        return v
+    raise KeyError(f"binding {self} has no parameter {name!r}")
+
+  @property
+  def options(self) -> dict[str, Any]:
+    return dict(self.params)
+
+  def replace(self, **params) -> "ModelBinding":
+    """A copy with some parameters changed (validated like `bind`)."""
+    return bind(f"{self.provider}:{self.model}", **{**self.options, **params})
+
+  def __str__(self) -> str:
+    defaults = {**base.COMMON_PARAMS, **base.get_provider(self.provider).params}
+    changed = ", ".join(f"{k}={v!r}" for k, v in self.params if defaults.get(k) != v)
+    return f"{self.provider}:{self.model}" + (f"({changed})" if changed else "")
+
+  def __repr__(self) -> str:
+    return f"ModelBinding({str(self)!r})"
+
+  def usage(self) -> base.Usage:
+    """Calls, errors, retries, tokens and seconds spent by this binding so far."""
+    return base.USAGE.get(self)
+
+  def concurrency(self) -> int:
+    c = self.get("concurrency")
+    return int(c) if c is not None else base.get_provider(self.provider).default_concurrency
+
+  def __call__(self, prompts: jax.typing.ArrayLike, *, key: jax.Array | None = None
+               ) -> jax.Array:
+    """Generates one answer per prompt.
+
+    Args:
+      prompts: uint8 text array `[..., max_len]` (see `xcs_jax.text.encode`);
+        leading axes are a batch.
+      key: optional JAX PRNG key (typed or raw uint32). It derives the
+        sampling seed: the same key gives the same answer where the provider
+        supports seeds, and keys from `jax.random.split` give independent
+        samples. A key with the prompts' batch shape gives one seed per prompt.
+
+    Returns:
+      uint8 text array `[..., output_bytes]`.
+    """
+    text_lib.check_text_array(prompts, "prompts")
+    prompts = jnp.asarray(prompts)
+    batch_ndim = prompts.ndim - 1
+    args, in_batched = [prompts], [batch_ndim > 0]
+    if key is not None:
+      key_data = _key_data(key)
+      key_batch = key_data.shape[:-1]
+      if key_batch == prompts.shape[:-1] and batch_ndim > 0:
+        in_batched.append(True)
+      elif key_batch == ():
+        in_batched.append(False)
+      else:
+        raise ValueError(
+            f"`key` must be one PRNG key or one per prompt (batch shape "
+            f"{prompts.shape[:-1]}); got keys of batch shape {key_batch}. Use "
+            "`jax.random.split(key, n)` to make one key per prompt.")
+      args.append(key_data)
+    (out,) = bind_host_call(generate_p, GenerateOp(self), args, batch_ndim=batch_ndim,
+                            in_batched=in_batched, source=user_source())
+    return out
+
+
+def _key_data(key) -> jax.Array:
+  key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
+  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    key = jax.random.key_data(key)
+  if key.dtype != jnp.uint32 or key.ndim < 1:
+    raise TypeError(f"`key` must be a JAX PRNG key (`jax.random.key(0)` or "
+                    f"`jax.random.PRNGKey(0)`); got dtype {key.dtype}, shape {key.shape}.")
+  return key
+
+
+def seed_from_key(key_data: np.ndarray | None, default: int) -> int:
+  """A 31-bit seed derived from PRNG key data (or `default` without a key)."""
+  if key_data is None:
+    return int(default)
+  digest = hashlib.blake2b(np.ascontiguousarray(key_data).tobytes(), digest_size=4)
+  return int.from_bytes(digest.digest(), "little") & 0x7FFFFFFF
+
+
+@dataclasses.dataclass(frozen=True)
+class BindingOp(HostCallOp):
+  """A host call made through a model binding's provider."""
+
+  binding: ModelBinding
+
+  def pool(self):
+    return provider_pool(self.binding.provider, self.binding.concurrency())
+
+  def describe(self) -> str:
+    return str(self.binding)
+
+  def provider(self) -> base.Provider:
+    return base.get_provider(self.binding.provider)
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateOp(BindingOp):
+  kind = "generate"
+
+  def out_avals(self, in_avals):
+    return [jax.ShapeDtypeStruct((int(self.binding.get("output_bytes")),), jnp.uint8)]
+
+  def run_example(self, ctx: CallContext, prompt, key_data=None):
+    b = self.binding
+    prompt_text = text_lib.decode_one(prompt)
+    seed = seed_from_key(key_data, b.get("seed"))
+    provider = self.provider()
+    completion = base.timed_call(
+        b, lambda deadline: provider.generate(b, prompt_text, seed, ctx, deadline), ctx)
+    return [encode_answer(completion.text, b)]
+
+
+def encode_answer(answer: str, binding: ModelBinding) -> np.ndarray:
+  capacity = int(binding.get("output_bytes"))
+  truncate = binding.get("overflow") == "truncate"
+  try:
+    return text_lib.encode_one(answer.replace("\x00", ""), capacity, truncate=truncate,
+                               what="answer")
+  except ValueError as e:
+    raise ValueError(
+        f"the model's answer is {len(answer.encode())} UTF-8 bytes, more than the "
+        f"binding's `output_bytes={capacity}`: bind with a larger `output_bytes`, "
+        "or with `overflow='truncate'` to cut answers at a character boundary.") from e
+
+
+def bind(spec: str, **params: Any) -> ModelBinding:
+  """Binds a model: `bind("provider:model", **params)`.
+
+  Args:
+    spec: ``"provider:model"``, e.g. ``"local:smollm2"``, ``"openai:gpt-4o-mini"``,
+      ``"anthropic:claude-3-5-haiku-latest"``, ``"fake:echo"``.
+    **params: common parameters (`temperature`, `max_tokens`, `output_bytes`,
+      `overflow`, `timeout_s`, `retries`, `concurrency`, `system_prompt`,
+      `seed`) and the provider's own (see its docs).
+
+  Returns:
+    A hashable `ModelBinding`.
+
+  Raises:
+    ValueError: malformed spec, unknown provider, unknown or invalid parameter,
+      or a provider-specific problem (such as a missing API key).
+
+  Examples:
+    >>> echo = bind("fake:echo", latency_s=0.0)
+    >>> text.decode(echo(text.encode("hi", 16)))
+    'hi'
+  """
+  if not isinstance(spec, str) or ":" not in spec:
+    raise ValueError(f"`spec` must be \"provider:model\" (e.g. \"local:smollm2\"); "
+                     f"got {spec!r}.")
+  provider_name, model = spec.split(":", 1)
+  provider = base.get_provider(provider_name)
+  known = {**base.COMMON_PARAMS, **provider.params}
+  unknown = sorted(set(params) - set(known))
+  if unknown:
+    raise ValueError(
+        f"unknown parameter(s) {', '.join(unknown)} for provider {provider_name!r} in "
+        f"`bind({spec!r}, ...)`: expected some of {', '.join(sorted(known))}.")
+  merged = {**known, **params}
+  _check_common(spec, merged)
+  provider.validate(model, merged)
+  items = tuple(sorted(merged.items()))
+  try:
+    hash(items)
+  except TypeError as e:
+    raise ValueError(f"`bind({spec!r}, ...)` parameters must be hashable "
+                     f"(use tuples, not lists): {e}") from e
+  return ModelBinding(provider_name, model, items)
+
+
+def _check_common(spec: str, p: Mapping[str, Any]) -> None:
+  def fail(name, expected):
+    raise ValueError(f"`bind({spec!r}, {name}=...)` must be {expected}; got {p[name]!r}.")
+  if not isinstance(p["output_bytes"], int) or p["output_bytes"] <= 0:
+    fail("output_bytes", "a positive int (bytes of the answer array)")
+  if not isinstance(p["max_tokens"], int) or p["max_tokens"] <= 0:
+    fail("max_tokens", "a positive int")
+  if p["overflow"] not in ("error", "truncate"):
+    fail("overflow", "'error' or 'truncate'")
+  if p["timeout_s"] is not None and not (isinstance(p["timeout_s"], (int, float))
+                                         and p["timeout_s"] > 0):
+    fail("timeout_s", "a positive number of seconds or None")
+  if not isinstance(p["retries"], int) or p["retries"] < 0:
+    fail("retries", "an int >= 0")
+  if p["concurrency"] is not None and not (isinstance(p["concurrency"], int)
+                                           and p["concurrency"] > 0):
+    fail("concurrency", "a positive int or None")
+  if not isinstance(p["temperature"], (int, float)) or p["temperature"] < 0:
+    fail("temperature", "a number >= 0")
+  if p["system_prompt"] is not None and not isinstance(p["system_prompt"], str):
+    fail("system_prompt", "a str or None")
