@@ -6,6 +6,10 @@ from xcs_jax._src.errors import XCSError
 from xcs_jax._src.errors import XCSExecutionError
 from xcs_jax._src.errors import XCSTimeoutError
 from xcs_jax._src.host_op import host_op
+from xcs_jax._src.jit.api import JitFunction
+from xcs_jax._src.jit.api import explain
+from xcs_jax._src.jit.api import get_jit_stats
+from xcs_jax._src.jit.api import jit
 from xcs_jax._src.primitives import NoGradientError
 from xcs_jax._src.providers.base import USAGE as _USAGE
 
@@ -23,12 +27,16 @@ def reset_usage() -> None:
 
 
 __all__ = [
+    "JitFunction",
     "NoGradientError",
     "XCSCancelledError",
     "XCSError",
     "XCSExecutionError",
     "XCSTimeoutError",
+    "explain",
+    "get_jit_stats",
     "host_op",
+    "jit",
     "models",
     "reset_usage",
     "text",

@@ -77,3 +77,29 @@ def get_aval(x: Any) -> Any:
   if aval is not None:
     return aval
   return ShapedArray(np.shape(x), np.result_type(x))
+
+
+DropVar = getattr(jex_core, "DropVar", None)
+
+
+def is_drop_var(v: Any) -> bool:
+  return (DropVar is not None and isinstance(v, DropVar)) or type(v).__name__ == "DropVar"
+
+
+def bind_eqn(primitive, params: dict, args: list) -> list:
+  """Binds `primitive` as `eval_jaxpr` would (sub-jaxprs become bind args)."""
+  got = primitive.get_bind_params(params)
+  if isinstance(got, tuple):  # jax < 0.7: (subfuns, params)
+    subfuns, bind_params = got
+  else:
+    subfuns, bind_params = (), got
+  out = primitive.bind(*subfuns, *args, **bind_params)
+  return list(out) if primitive.multiple_results else [out]
+
+
+def scan_layout(params: dict) -> tuple[int, int]:
+  """(num_consts, num_carry) of a `scan` eqn."""
+  if "num_consts" in params:
+    return params["num_consts"], params["num_carry"]
+  raise NotImplementedError(  # pragma: no cover - a jax that renamed them
+      f"xcs_jax does not know this jax's scan params {sorted(params)}")

@@ -106,14 +106,17 @@ def _batch_shape(shapes: Sequence[tuple], batch_ndim: int,
 
 
 def run_host_call(op: HostCallOp, batch_ndim: int, in_batched: tuple, source: str,
-                  *args: Any) -> list[np.ndarray]:
-  """Runs a (possibly batched) host call on concrete arrays; numpy out."""
+                  *args: Any, ctx: CallContext | None = None) -> list[np.ndarray]:
+  """Runs a (possibly batched) host call on concrete arrays; numpy out.
+
+  `ctx` lets a caller that runs many calls (the scheduler) cancel them all.
+  """
   arrays = [np.asarray(a) for a in args]
   batch_shape = _batch_shape([a.shape for a in arrays], batch_ndim, in_batched)
   n = math.prod(batch_shape)
   flat = [a.reshape((n,) + a.shape[batch_ndim:]) if b else a
           for a, b in zip(arrays, in_batched)]
-  outs = op.run_batch(CallContext(), flat, in_batched, n, source) if n else None
+  outs = op.run_batch(ctx or CallContext(), flat, in_batched, n, source) if n else None
   if outs is None:  # an empty batch: nothing to call
     outs = [np.zeros((0,) + tuple(o.shape), o.dtype)
             for o in _example_out_avals(op, arrays, batch_ndim, in_batched)]

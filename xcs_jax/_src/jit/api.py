@@ -1,0 +1,287 @@
+"""`xcs_jax.jit`: JAX traces, XCS passes split, the scheduler runs calls concurrently."""
+from __future__ import annotations
+
+import collections
+import functools
+import threading
+import time
+import warnings
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+
+from xcs_jax._src import compat
+from xcs_jax._src.jit.explain import render_plan
+from xcs_jax._src.jit.plan import Plan, build_plan
+from xcs_jax._src.jit.scheduler import RunRecord, run_plan
+
+DEFAULT_CACHE_SIZE = 64
+
+# Errors that mean "this Python function cannot be traced" (Python control
+# flow on a traced value, e.g. on a model's decoded answer).
+_UNTRACEABLE = tuple(
+    getattr(jax.errors, n) for n in (
+        "ConcretizationTypeError", "TracerBoolConversionError",
+        "TracerIntegerConversionError", "TracerArrayConversionError")
+    if hasattr(jax.errors, n))
+
+_FALLBACK = object()  # cache value for signatures that run directly
+
+
+def _leaf_key(x: Any) -> Any:
+  if isinstance(x, (bool, int, float, complex)):
+    return ("py", type(x))
+  shape = np.shape(x)
+  dtype = getattr(x, "dtype", None)
+  if dtype is None:
+    dtype = np.result_type(x)
+  return (shape, str(dtype), bool(getattr(x, "weak_type", False)))
+
+
+def _hashable_static(value: Any, where: str) -> Any:
+  try:
+    hash(value)
+  except TypeError as e:
+    raise ValueError(f"static argument {where} must be hashable (it keys the plan "
+                     f"cache, like jax.jit's static args); got {type(value).__name__}: "
+                     f"{e}") from None
+  return value
+
+
+class _Entry:
+  __slots__ = ("plan", "out_tree")
+
+  def __init__(self, plan: Plan | None, out_tree: Any):
+    self.plan, self.out_tree = plan, out_tree
+
+
+class JitFunction:
+  """A function wrapped by `xcs_jax.jit`. Call it like the function."""
+
+  def __init__(self, fun: Callable, static_argnums: Sequence[int] = (),
+               static_argnames: Sequence[str] = (), max_concurrency: int | None = None,
+               cache_size: int = DEFAULT_CACHE_SIZE):
+    if not callable(fun):
+      raise TypeError(f"`xcs_jax.jit(f)` needs a callable `f`; got {type(fun).__name__}.")
+    if isinstance(static_argnums, int):
+      static_argnums = (static_argnums,)
+    if isinstance(static_argnames, str):
+      static_argnames = (static_argnames,)
+    if max_concurrency is not None and (not isinstance(max_concurrency, int)
+                                        or max_concurrency <= 0):
+      raise ValueError("`xcs_jax.jit(..., max_concurrency=...)` must be a positive int "
+                       f"or None; got {max_concurrency!r}.")
+    self.fun = fun
+    self.static_argnums = tuple(static_argnums)
+    self.static_argnames = tuple(static_argnames)
+    self.max_concurrency = max_concurrency
+    self._cache_size = cache_size
+    self._cache: collections.OrderedDict = collections.OrderedDict()
+    self._lock = threading.Lock()
+    self._building: dict = {}
+    self._warned_fallback = False
+    self._stats = dict(status="cold", cache_hits=0, cache_misses=0)
+    self._last: dict = {}
+    functools.update_wrapper(self, fun)
+
+  def __get__(self, obj, objtype=None):
+    if obj is None:
+      return self
+    return functools.partial(self, obj)
+
+  # --- tracing --------------------------------------------------------------
+  def _split(self, args, kwargs):
+    static = []
+    dyn_args = []
+    for i, a in enumerate(args):
+      if i in self.static_argnums or (i - len(args)) in self.static_argnums:
+        static.append(("pos", i, _hashable_static(a, f"#{i}")))
+      else:
+        dyn_args.append(a)
+    dyn_kwargs = {}
+    for k, v in sorted(kwargs.items()):
+      if k in self.static_argnames:
+        static.append(("kw", k, _hashable_static(v, f"{k!r}")))
+      else:
+        dyn_kwargs[k] = v
+    leaves, tree = jax.tree_util.tree_flatten((dyn_args, dyn_kwargs))
+    return tuple(static), leaves, tree
+
+  def _flat_fun(self, static, tree, n_args):
+    out_tree_box = []
+
+    def flat(*leaves):
+      dyn_args, kwargs = jax.tree_util.tree_unflatten(tree, leaves)
+      args, it = [], iter(dyn_args)
+      static_pos = {i: v for kind, i, v in static if kind == "pos"}
+      for i in range(n_args):
+        args.append(static_pos[i] if i in static_pos else next(it))
+      kwargs = dict(kwargs)
+      kwargs.update({k: v for kind, k, v in static if kind == "kw"})
+      out = self.fun(*args, **kwargs)
+      out_leaves, out_tree = jax.tree_util.tree_flatten(out)
+      out_tree_box.append(out_tree)
+      return out_leaves
+    return flat, out_tree_box
+
+  def _build(self, static, leaves, tree, n_args) -> _Entry:
+    flat, out_tree_box = self._flat_fun(static, tree, n_args)
+    try:
+      closed = jax.make_jaxpr(flat)(*leaves)
+    except _UNTRACEABLE as e:
+      if not self._warned_fallback:
+        self._warned_fallback = True
+        warnings.warn(
+            f"xcs_jax.jit could not trace {getattr(self.fun, '__name__', 'the function')} "
+            f"({type(e).__name__}: Python control flow or numpy on a traced value, e.g. "
+            "on a model's answer), so it runs the function directly, one call at a time. "
+            "Use lax.cond / lax.switch / host_op to keep it traceable.",
+            RuntimeWarning, stacklevel=4)
+      return _Entry(None, _FALLBACK)
+    return _Entry(build_plan(closed), out_tree_box[0])
+
+  def _entry(self, args, kwargs):
+    static, leaves, tree = self._split(args, kwargs)
+    key = (static, tree, len(args), tuple(_leaf_key(x) for x in leaves))
+    with self._lock:
+      entry = self._cache.get(key)
+      if entry is not None:
+        self._cache.move_to_end(key)
+        self._stats["cache_hits"] += 1
+        return entry, leaves
+      event = self._building.get(key)
+      if event is None:
+        event = self._building[key] = threading.Event()
+        builder = True
+      else:
+        builder = False
+    if not builder:  # another thread builds this plan: wait for it
+      event.wait()
+      return self._entry(args, kwargs)
+    try:
+      entry = self._build(static, leaves, tree, len(args))
+      with self._lock:
+        self._stats["cache_misses"] += 1
+        self._cache[key] = entry
+        while len(self._cache) > self._cache_size:
+          self._cache.popitem(last=False)
+        if entry.out_tree is _FALLBACK:
+          self._stats["status"] = "fallback"
+        elif self._stats["status"] == "cold":
+          self._stats["status"] = "compiled"
+        self._last_plan = entry.plan
+    finally:
+      with self._lock:
+        del self._building[key]
+      event.set()
+    return entry, leaves
+
+  # --- calling --------------------------------------------------------------
+  def __call__(self, *args, **kwargs):
+    leaves_all = jax.tree_util.tree_leaves((args, kwargs))
+    if any(compat.is_tracer(x) for x in leaves_all):
+      # Under an outer jax transformation (jit, grad, vmap, or xcs_jax.jit
+      # itself): become part of the outer trace. The outer xcs_jax.jit, if
+      # any, schedules the calls.
+      return self.fun(*args, **kwargs)
+    start = time.perf_counter()
+    entry, leaves = self._entry(args, kwargs)
+    if entry.out_tree is _FALLBACK:
+      out = self.fun(*args, **kwargs)
+      self._record(start, None, None)
+      return out
+    record = RunRecord()
+    outs = run_plan(entry.plan, leaves, max_concurrency=self.max_concurrency,
+                    record=record)
+    self._record(start, record, entry.plan)
+    return jax.tree_util.tree_unflatten(entry.out_tree, outs)
+
+  def _record(self, start, record, plan):
+    with self._lock:
+      self._last = dict(last_wall_s=time.perf_counter() - start,
+                        last_model_call_s=record.host_seconds if record else None)
+      if plan is not None:
+        self._last_plan = plan
+
+  # --- introspection --------------------------------------------------------
+  def trace(self, *args, **kwargs) -> Plan | None:
+    """The plan for these arguments (built and cached if new); None on fallback."""
+    entry, _ = self._entry(args, kwargs)
+    return entry.plan
+
+  def stats(self) -> dict:
+    with self._lock:
+      plan = getattr(self, "_last_plan", None)
+      stats = dict(self._stats, cache_entries=len(self._cache))
+      stats.update(self._last or dict(last_wall_s=None, last_model_call_s=None))
+    a = plan.analysis if plan is not None else None
+    stats.update(
+        parallel_groups=len(a.parallel_groups) if a else 0,
+        max_parallelism=a.max_parallelism if a else 0,
+        critical_path=len(a.critical_path) if a else 0,
+        estimated_speedup=a.estimated_speedup if a else 1.0,
+        execution_strategy=a.execution_strategy if a else None,
+        tensor_ops=a.tensor_ops if a else 0,
+        orchestration_ops=a.orchestration_ops if a else 0,
+    )
+    return stats
+
+  def __repr__(self):
+    return f"xcs_jax.jit({getattr(self.fun, '__qualname__', self.fun)!r})"
+
+
+def jit(fun: Callable | None = None, *, static_argnums: int | Sequence[int] = (),
+        static_argnames: str | Sequence[str] = (), max_concurrency: int | None = None,
+        cache_size: int = DEFAULT_CACHE_SIZE):
+  """Compiles a hybrid function: XLA for tensor code, concurrent host calls.
+
+  The first call for a new argument signature traces `fun` with JAX, splits
+  the jaxpr into XLA-compiled tensor segments and host calls (model calls,
+  host ops, control flow holding them), and caches that plan; later calls
+  with the same shapes, dtypes, weak types and static args reuse it. Each
+  call runs every node the moment its inputs are ready, host calls
+  concurrently (bounded by each provider's limit and `max_concurrency`).
+
+  Args:
+    fun: the function; use as `@xcs_jax.jit` or `@xcs_jax.jit(...)`.
+    static_argnums: positions of hashable arguments that are not arrays.
+    static_argnames: names of hashable keyword arguments that are not arrays.
+    max_concurrency: at most this many host calls (nodes) in flight at once.
+    cache_size: plans kept (least recently used dropped first).
+
+  Returns:
+    A `JitFunction`. Under an outer `jax.jit`/`grad`/`vmap` it traces
+    inline, so composition works; parallelism is kept where `xcs_jax.jit`
+    is outermost. A function JAX cannot trace runs directly (with a
+    warning; `get_jit_stats(f)['status'] == 'fallback'`).
+
+  Examples:
+    >>> @xcs_jax.jit
+    ... def three(p):
+    ...   return a(p), b(p), c(p)   # three calls, run at once
+  """
+  if fun is None:
+    return functools.partial(jit, static_argnums=static_argnums,
+                             static_argnames=static_argnames,
+                             max_concurrency=max_concurrency, cache_size=cache_size)
+  return JitFunction(fun, static_argnums, static_argnames, max_concurrency, cache_size)
+
+
+def get_jit_stats(f: JitFunction) -> dict:
+  """Statistics of an `xcs_jax.jit` function (see the docs for the keys)."""
+  if not isinstance(f, JitFunction):
+    raise TypeError(f"`get_jit_stats(f)` needs a function wrapped by `xcs_jax.jit`; "
+                    f"got {type(f).__name__}.")
+  return f.stats()
+
+
+def explain(f: Callable, *args, **kwargs) -> str:
+  """Readable text: segments, calls with bindings and lines, parallel groups,
+  the critical path, for `f` (plain or wrapped by `xcs_jax.jit`) on these args."""
+  jf = f if isinstance(f, JitFunction) else JitFunction(f)
+  plan = jf.trace(*args, **kwargs)
+  if plan is None:
+    return (f"{jf!r}: falls back to direct execution (JAX cannot trace it for these "
+            "arguments); no plan.")
+  return render_plan(plan, title=repr(jf))

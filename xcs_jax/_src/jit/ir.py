@@ -1,0 +1,53 @@
+"""The program form the passes work on: a flat list of equations over integer refs.
+
+A jaxpr is converted once (by `expose.expose_calls`); the passes after it
+never touch jax's Var objects, so inlining the same inner function twice, or
+renaming across jax versions, needs no fresh jax Vars.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Union
+
+
+@dataclasses.dataclass(frozen=True)
+class Lit:
+  """A literal operand (a Python or numpy scalar from the jaxpr)."""
+  value: Any
+
+
+Ref = Union[int, Lit]
+
+
+@dataclasses.dataclass
+class Eqn:
+  primitive: Any
+  params: dict
+  ins: tuple          # Refs
+  outs: tuple         # ints (fresh ids; dropped outputs get ids too)
+
+  @property
+  def name(self) -> str:
+    return self.primitive.name
+
+
+@dataclasses.dataclass
+class Program:
+  """A flattened program: `invars` and `consts` feed `eqns`, which feed `outvars`."""
+  invars: list
+  outvars: list           # Refs
+  eqns: list              # Eqn, in a topological order
+  consts: dict            # id -> value
+  avals: dict             # id -> abstract value
+
+
+def read(ref: Ref, env: dict) -> Any:
+  return ref.value if isinstance(ref, Lit) else env[ref]
+
+
+def eval_eqns(eqns, in_ids, out_ids, args, bind) -> list:
+  """Evaluates `eqns` on `args`; `bind(eqn, values) -> outputs`."""
+  env = dict(zip(in_ids, args))
+  for eqn in eqns:
+    env.update(zip(eqn.outs, bind(eqn, [read(r, env) for r in eqn.ins])))
+  return [read(r, env) for r in out_ids]
