@@ -14,6 +14,7 @@ ended. No call is left running behind the caller's back.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import itertools
 import threading
 import time
 from typing import Callable, Sequence, TypeVar
@@ -23,7 +24,17 @@ from xcs_jax._src.errors import XCSCancelledError, XCSTimeoutError
 T = TypeVar("T")
 
 _COORDINATOR_WORKERS = 1024
-_pools: dict[tuple[str, int], cf.ThreadPoolExecutor] = {}
+
+
+class Pool(cf.ThreadPoolExecutor):
+  """A thread pool that knows its size."""
+
+  def __init__(self, size: int, name: str):
+    super().__init__(max_workers=size, thread_name_prefix=f"xcs-{name}")
+    self.size = size
+
+
+_pools: dict[tuple[str, int], Pool] = {}
 _pools_lock = threading.Lock()
 
 
@@ -65,7 +76,7 @@ class CallContext:
       self.check()
 
 
-def provider_pool(name: str, limit: int) -> cf.ThreadPoolExecutor:
+def provider_pool(name: str, limit: int) -> Pool:
   """The shared pool of provider `name` with `limit` workers."""
   key = (name, int(limit))
   pool = _pools.get(key)
@@ -73,13 +84,12 @@ def provider_pool(name: str, limit: int) -> cf.ThreadPoolExecutor:
     with _pools_lock:
       pool = _pools.get(key)
       if pool is None:
-        pool = cf.ThreadPoolExecutor(max_workers=key[1],
-                                     thread_name_prefix=f"xcs-{name}")
+        pool = Pool(key[1], name)
         _pools[key] = pool
   return pool
 
 
-def coordinator_pool() -> cf.ThreadPoolExecutor:
+def coordinator_pool() -> Pool:
   """The pool for tasks that mostly wait on other tasks."""
   return provider_pool("coordinator", _COORDINATOR_WORKERS)
 
@@ -109,9 +119,27 @@ def wait_all(futures: Sequence[cf.Future], ctx: CallContext) -> list:
   return [f.result() for f in futures]
 
 
-def map_concurrent(fn: Callable[[int], T], n: int, *, pool: cf.ThreadPoolExecutor,
+def map_concurrent(fn: Callable[[int], T], n: int, *, pool: Pool,
                    ctx: CallContext) -> list[T]:
-  """`[fn(0), ..., fn(n-1)]`, run concurrently on `pool`, failing fast."""
+  """`[fn(0), ..., fn(n-1)]`, run concurrently on `pool`, failing fast.
+
+  Starts `min(n, pool size)` workers that each take the next index until
+  none is left (one future per worker, not per item: that is what keeps
+  the per-item cost near a bare `ThreadPoolExecutor.map`). After a failure
+  the workers stop taking items.
+  """
   if n == 1:
     return [fn(0)]
-  return wait_all([pool.submit(fn, i) for i in range(n)], ctx)
+  results: list = [None] * n
+  indices = itertools.count()  # next() is atomic under the GIL
+
+  def worker():
+    for i in indices:
+      if i >= n or ctx.cancelled:
+        return
+      results[i] = fn(i)
+
+  wait_all([pool.submit(worker) for _ in range(min(n, pool.size))], ctx)
+  if ctx.cancelled:  # cancelled from outside: some items never ran
+    ctx.check()
+  return results

@@ -9,6 +9,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from xcs_jax._src import grad as grad_lib
 from xcs_jax._src.errors import XCSTimeoutError
 from xcs_jax._src.executor import CallContext, coordinator_pool, provider_pool
 from xcs_jax._src.primitives import HostCallOp, bind_host_call, make_host_primitive
@@ -52,18 +53,30 @@ class HostFnOp(HostCallOp):
   name: str
   concurrency: int
   timeout_s: float | None
+  grad: grad_lib.Estimator | None = None
 
   kind = "host_op"
 
   def describe(self) -> str:
     return f"host_op {self.name}"
 
+  def no_gradient_message(self) -> str:
+    if self.grad is None:
+      return super().no_gradient_message()
+    return (f"xcs_jax: {self.describe()} has a first-order gradient estimator "
+            f"(`grad={self.grad.name!r}`): it cannot be differentiated twice "
+            "(jax.hessian, grad of grad). Differentiate once, or estimate the "
+            "second derivative from first derivatives in your own code.")
+
   def pool(self):
     return provider_pool(f"host_op:{self.name}", self.concurrency)
 
   def out_tree(self, in_avals):
+    return _out_tree(self, tuple((tuple(a.shape), np.dtype(a.dtype)) for a in in_avals))
+
+  def _compute_out_tree(self, signature):
     in_specs = jax.tree_util.tree_unflatten(
-        self.in_treedef, [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in in_avals])
+        self.in_treedef, [jax.ShapeDtypeStruct(s, d) for s, d in signature])
     out = self.spec_fn(*in_specs)
     leaves, treedef = jax.tree_util.tree_flatten(out)
     if not leaves or not all(isinstance(l, jax.ShapeDtypeStruct) for l in leaves):
@@ -122,9 +135,15 @@ class HostFnOp(HostCallOp):
       raise self.execution_error(e, source) from e
 
 
+@functools.lru_cache(maxsize=4096)
+def _out_tree(op: HostFnOp, signature: tuple):
+  """`out_spec` evaluated once per op and input signature (not per example)."""
+  return op._compute_out_tree(signature)
+
+
 def host_op(fn: Callable | None = None, *, out_spec: Any, vectorized: bool = False,
             name: str | None = None, concurrency: int = DEFAULT_CONCURRENCY,
-            timeout_s: float | None = None):
+            timeout_s: float | None = None, grad: Any = None):
   """Makes a Python host function a JAX primitive.
 
   Args:
@@ -140,6 +159,14 @@ def host_op(fn: Callable | None = None, *, out_spec: Any, vectorized: bool = Fal
     timeout_s: per-call timeout. Python cannot stop a running function: past
       the timeout the call raises `XCSTimeoutError` and the function finishes
       in the background.
+    grad: how to differentiate through the op's float outputs (see
+      `xcs_jax.grad` and docs/optimization.md): `'central'` (central
+      differences), `'spsa'` (simultaneous perturbation), an estimator such as
+      `xcs_jax.grad.spsa(n=32, seed=1)`, or a host VJP callable
+      `vjp(primals, outputs, cotangents) -> tuple of input cotangents` on numpy
+      arrays (called like `fn`: per example, or batched if `vectorized`).
+      The extra evaluations run as one batched, concurrent host call. Default
+      None: differentiating through the op raises `NoGradientError`.
 
   Returns:
     A function of JAX arrays (or pytrees of them) that works under `jax.jit`,
@@ -152,7 +179,7 @@ def host_op(fn: Callable | None = None, *, out_spec: Any, vectorized: bool = Fal
   """
   if fn is None:
     return functools.partial(host_op, out_spec=out_spec, vectorized=vectorized, name=name,
-                             concurrency=concurrency, timeout_s=timeout_s)
+                             concurrency=concurrency, timeout_s=timeout_s, grad=grad)
   if not callable(fn):
     raise TypeError(f"`host_op(fn, ...)` needs a callable `fn`; got {type(fn).__name__}.")
   op_name = name or getattr(fn, "__name__", "host_fn")
@@ -163,15 +190,30 @@ def host_op(fn: Callable | None = None, *, out_spec: Any, vectorized: bool = Fal
   if timeout_s is not None and not timeout_s > 0:
     raise ValueError(f"`host_op({op_name}, timeout_s=...)` must be > 0 or None; "
                      f"got {timeout_s!r}.")
+  estimator = grad_lib.resolve(grad, op_name)
+
+  def make_host_call(host_fn, host_spec, host_name):  # runs a user VJP
+    return host_op(host_fn, out_spec=host_spec, vectorized=vectorized, name=host_name,
+                   concurrency=concurrency, timeout_s=timeout_s)
 
   @functools.wraps(fn)
   def call(*args):
     leaves, treedef = jax.tree_util.tree_flatten(args)
     leaves = [jax.numpy.asarray(x) for x in leaves]
-    op = HostFnOp(fn, spec_fn, treedef, bool(vectorized), op_name, concurrency, timeout_s)
-    _, out_tree = op.out_tree(leaves)
-    outs = bind_host_call(host_op_p, op, leaves, batch_ndim=0,
-                          in_batched=[False] * len(leaves), source=user_source())
+    op = HostFnOp(fn, spec_fn, treedef, bool(vectorized), op_name, concurrency, timeout_s,
+                  estimator)
+    out_avals, out_tree = op.out_tree(leaves)
+    source = user_source()
+
+    def bind(xs, in_batched, batch_ndim):
+      return bind_host_call(host_op_p, op, xs, batch_ndim=batch_ndim,
+                            in_batched=in_batched, source=source)
+
+    if estimator is None:
+      outs = bind(leaves, [False] * len(leaves), 0)
+    else:
+      site = grad_lib.CallSite(op_name, bind, out_avals, make_host_call, treedef, out_tree)
+      outs = grad_lib.differentiable_call(estimator, site, leaves)
     return jax.tree_util.tree_unflatten(out_tree, outs)
 
   call.host_fn = fn
