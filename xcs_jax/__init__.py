@@ -1,5 +1,6 @@
 """xcs_jax: LLM and model calls as first-class JAX primitives."""
 from xcs_jax import models
+from xcs_jax import patterns
 from xcs_jax import text
 from xcs_jax._src.errors import XCSCancelledError
 from xcs_jax._src.errors import XCSError
@@ -38,6 +39,7 @@ __all__ = [
     "host_op",
     "jit",
     "models",
+    "patterns",
     "reset_usage",
     "text",
     "usage",

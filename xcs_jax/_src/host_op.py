@@ -58,7 +58,7 @@ class HostFnOp(HostCallOp):
   kind = "host_op"
 
   def describe(self) -> str:
-    return f"host_op {self.name}"
+    return self.name
 
   def no_gradient_message(self) -> str:
     if self.grad is None:
