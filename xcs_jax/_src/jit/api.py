@@ -83,6 +83,14 @@ class JitFunction:
     self._warned_fallback = False
     self._stats = dict(status="cold", cache_hits=0, cache_misses=0)
     self._last: dict = {}
+    # Once a signature turns out to make no host calls, later calls go
+    # straight to jax.jit (its C++ dispatch path is what 'as fast as jax.jit'
+    # needs). Signatures seen after that are traced by jax.jit alone: if one
+    # did make host calls, they would still run correctly, one at a time.
+    self._jax_jit = jax.jit(fun, static_argnums=self.static_argnums,
+                            static_argnames=self.static_argnames)
+    self._tensor_only = False
+    self._fast_calls = 0
     functools.update_wrapper(self, fun)
 
   def __get__(self, obj, objtype=None):
@@ -171,6 +179,9 @@ class JitFunction:
         elif self._stats["status"] == "cold":
           self._stats["status"] = "compiled"
         self._last_plan = entry.plan
+        self._tensor_only = all(
+            e.plan is not None and e.plan.analysis.execution_strategy == "tensor"
+            for e in self._cache.values())
     finally:
       with self._lock:
         del self._building[key]
@@ -179,6 +190,9 @@ class JitFunction:
 
   # --- calling --------------------------------------------------------------
   def __call__(self, *args, **kwargs):
+    if self._tensor_only:
+      self._fast_calls += 1
+      return self._jax_jit(*args, **kwargs)
     leaves_all = jax.tree_util.tree_leaves((args, kwargs))
     if any(compat.is_tracer(x) for x in leaves_all):
       # Under an outer jax transformation (jit, grad, vmap, or xcs_jax.jit
@@ -190,6 +204,10 @@ class JitFunction:
     if entry.out_tree is _FALLBACK:
       out = self.fun(*args, **kwargs)
       self._record(start, None, None)
+      return out
+    if entry.plan.whole is not None:  # no host calls: one XLA executable
+      out = self._jax_jit(*args, **kwargs)
+      self._record(start, None, entry.plan)
       return out
     record = RunRecord()
     outs = run_plan(entry.plan, leaves, max_concurrency=self.max_concurrency,
@@ -214,6 +232,7 @@ class JitFunction:
     with self._lock:
       plan = getattr(self, "_last_plan", None)
       stats = dict(self._stats, cache_entries=len(self._cache))
+      stats["cache_hits"] += self._fast_calls
       stats.update(self._last or dict(last_wall_s=None, last_model_call_s=None))
     a = plan.analysis if plan is not None else None
     stats.update(
