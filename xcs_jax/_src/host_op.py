@@ -63,7 +63,7 @@ class HostFnOp(HostCallOp):
   def no_gradient_message(self) -> str:
     if self.grad is None:
       return super().no_gradient_message()
-    return (f"xcs_jax: {self.describe()} has a first-order gradient estimator "
+    return (f"xcs_jax: host_op `{self.name}` has a first-order gradient estimator "
             f"(`grad={self.grad.name!r}`): it cannot be differentiated twice "
             "(jax.hessian, grad of grad). Differentiate once, or estimate the "
             "second derivative from first derivatives in your own code.")
