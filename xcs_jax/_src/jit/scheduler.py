@@ -7,13 +7,14 @@ values are futures); host calls and control nodes run on the executor's
 pools and report back through a queue.
 
 Fail-fast: the first failure cancels the plan's `CallContext` (running calls
-stop at their next cancellation point), cancels what has not started, waits
-at most `CANCEL_GRACE_S` for running calls to end, and raises that failure.
+stop at their next cancellation point), drops what has not started, waits at
+most `CANCEL_GRACE_S` for running calls to end, and raises that failure.
 """
 from __future__ import annotations
 
 import collections
 import queue
+import threading
 import time
 from typing import Any
 
@@ -53,6 +54,23 @@ def _run_control_step(step, values, ctx, max_concurrency, record):
   return step.run(values, ctx, run_sub), 0.0  # sub-plans count their host time
 
 
+class _Lane:
+  """The host work of one run that goes to one pool.
+
+  Workers (at most the pool's size) take the next queued node until the
+  queue is empty: one pool task per worker rather than per node, which keeps
+  the per-call cost close to a bare ThreadPoolExecutor.
+  """
+
+  __slots__ = ("pool", "queue", "workers", "lock")
+
+  def __init__(self, pool):
+    self.pool = pool
+    self.queue = collections.deque()
+    self.workers = 0
+    self.lock = threading.Lock()
+
+
 def run_plan(plan, args: list, *, ctx: CallContext | None = None,
              max_concurrency: int | None = None, record: RunRecord | None = None) -> list:
   """Runs `plan` on flat `args`; returns its flat outputs."""
@@ -66,8 +84,42 @@ def run_plan(plan, args: list, *, ctx: CallContext | None = None,
   waiting = {i: len(s.deps) for i, s in steps.items()}
   ready = collections.deque(i for i, n in waiting.items() if n == 0)
   done: queue.SimpleQueue = queue.SimpleQueue()
-  in_flight: dict = {}
+  lanes: dict = {}
+  in_flight = 0
   error: BaseException | None = None
+
+  def work(lane):
+    while True:
+      with lane.lock:
+        if not lane.queue:
+          lane.workers -= 1
+          return
+        step, values = lane.queue.popleft()
+      try:
+        if step.kind is Kind.HOST:
+          result = _run_host_step(step, values, ctx)
+        else:
+          result = _run_control_step(step, values, ctx, max_concurrency, record)
+        done.put((step.index, result, None))
+      except BaseException as e:  # reported to the scheduler thread
+        done.put((step.index, None, e))
+
+  def submit(step):
+    values = [read(r, env) for r in step.eqn.ins]  # in eqn order, literals too
+    if step.kind is Kind.HOST and not step.batched:
+      pool = step.eqn.params["op"].pool()
+    else:  # waits on other work: never hold a provider slot
+      pool = coordinator_pool()
+    lane = lanes.get(id(pool))
+    if lane is None:
+      lane = lanes[id(pool)] = _Lane(pool)
+    with lane.lock:
+      lane.queue.append((step, values))
+      spawn = lane.workers < pool.size
+      if spawn:
+        lane.workers += 1
+    if spawn:
+      pool.submit(work, lane)
 
   def finish(step, outs):
     env.update(zip(step.outs, outs))
@@ -76,30 +128,21 @@ def run_plan(plan, args: list, *, ctx: CallContext | None = None,
       if waiting[d] == 0:
         ready.append(d)
 
-  def submit(step):
-    values = [read(r, env) for r in step.eqn.ins]  # in eqn order, literals too
-    if step.kind is Kind.HOST:
-      pool = coordinator_pool() if step.batched else step.eqn.params["op"].pool()
-      future = pool.submit(_run_host_step, step, values, ctx)
-    else:
-      future = coordinator_pool().submit(_run_control_step, step, values, ctx,
-                                         max_concurrency, record)
-    in_flight[step.index] = future
-    future.add_done_callback(lambda f, i=step.index: done.put((i, f)))
-
   def fail(e):
-    nonlocal error
+    nonlocal error, in_flight
     if error is None or (isinstance(error, XCSCancelledError)
                          and not isinstance(e, XCSCancelledError)):
       error = e
     ctx.cancel()
-    for f in in_flight.values():
-      f.cancel()
+    for lane in lanes.values():  # what has not started never will
+      with lane.lock:
+        in_flight -= len(lane.queue)
+        lane.queue.clear()
 
   grace_deadline = None
   while True:
     while ready and error is None and (max_concurrency is None
-                                       or len(in_flight) < max_concurrency):
+                                       or in_flight < max_concurrency):
       step = steps[ready.popleft()]
       if step.kind is Kind.TENSOR:
         try:
@@ -109,24 +152,22 @@ def run_plan(plan, args: list, *, ctx: CallContext | None = None,
           break
         finish(step, outs)
       else:
+        in_flight += 1
         submit(step)
-    if not in_flight:
+    if in_flight == 0:
       break
+    if error is not None and grace_deadline is None:
+      grace_deadline = time.monotonic() + CANCEL_GRACE_S
     try:
       timeout = None if grace_deadline is None else max(0.0, grace_deadline - time.monotonic())
-      index, future = done.get(timeout=timeout)
+      index, result, exc = done.get(timeout=timeout)
     except queue.Empty:
       break  # calls that ignore cancellation: do not wait for them forever
-    del in_flight[index]
-    if future.cancelled():
-      continue
-    exc = future.exception()
+    in_flight -= 1
     if exc is not None:
       fail(exc)
-      grace_deadline = grace_deadline or time.monotonic() + CANCEL_GRACE_S
-      continue
-    if error is None:
-      outs, seconds = future.result()
+    elif error is None:
+      outs, seconds = result
       record.host_seconds += seconds
       finish(steps[index], outs)
   if error is not None:
