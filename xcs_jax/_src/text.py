@@ -49,6 +49,9 @@ def _shape_of(texts: Any) -> tuple[int, ...]:
     return ()
   if isinstance(texts, np.ndarray) and texts.dtype.kind in "UO":
     return texts.shape
+  if isinstance(texts, (bytes, bytearray)) or not hasattr(texts, "__iter__"):
+    raise TypeError(f"`s` must be a str or a (nested) sequence of str; found a "
+                    f"{type(texts).__name__}.")
   texts = list(texts)
   if not texts:
     return (0,)

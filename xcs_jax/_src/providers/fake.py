@@ -11,7 +11,8 @@ Parameters (beside the common ones):
 - ``latency_s`` (0.0): each call sleeps this long (cancellable) before answering;
   a call whose latency exceeds `timeout_s` raises `XCSTimeoutError` at the timeout.
 - ``fail_on`` (None): prompts containing this substring fail permanently
-  (`FakeProviderError`), never retried.
+  (`FakeProviderError`), at once (like a rejected request, without waiting
+  `latency_s`), never retried.
 - ``transient_failures`` (0): the first this-many attempts at each distinct
   request (binding, prompt, seed) in this process fail with a transient
   error (exercises retries).
@@ -53,9 +54,9 @@ class FakeProvider(base.Provider):
 
   def generate(self, binding, prompt, seed, ctx, deadline):
     p = binding.options
-    ctx.sleep(float(p["latency_s"]), deadline=deadline, timeout_s=p["timeout_s"])
     if p["fail_on"] is not None and p["fail_on"] in prompt:
       raise FakeProviderError(f"injected failure: prompt contains {p['fail_on']!r}")
+    ctx.sleep(float(p["latency_s"]), deadline=deadline, timeout_s=p["timeout_s"])
     if p["transient_failures"]:
       with self._lock:
         n = self._attempts[(binding, prompt, seed)] = (
