@@ -101,5 +101,8 @@ def scan_layout(params: dict) -> tuple[int, int]:
   """(num_consts, num_carry) of a `scan` eqn."""
   if "num_consts" in params:
     return params["num_consts"], params["num_carry"]
-  raise NotImplementedError(  # pragma: no cover - a jax that renamed them
+  if "ft_in" in params:  # jax >= 0.12: a flat tree of (consts, carry, xs)
+    consts, carry, _ = params["ft_in"].unpack()
+    return len(list(consts.vals)), len(list(carry.vals))
+  raise NotImplementedError(  # pragma: no cover - a jax that renamed them again
       f"xcs_jax does not know this jax's scan params {sorted(params)}")
