@@ -122,7 +122,9 @@ def run_plan(plan, args: list, *, ctx: CallContext | None = None,
       pool.submit(work, lane)
 
   def finish(step, outs):
-    env.update(zip(step.outs, outs))
+    # A segment returns only `step.outs` (the outputs others read); a host call
+    # or control node returns every output of its eqn, dropped ones included.
+    env.update(zip(step.outs if step.kind is Kind.TENSOR else step.eqn.outs, outs))
     for d in step.dependents:
       waiting[d] -= 1
       if waiting[d] == 0:
