@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
+import sys
 import threading
 import time
 from typing import Callable
@@ -81,8 +83,36 @@ def fake_inflight(monkeypatch):
 
 
 def xcs_threads() -> list[threading.Thread]:
-  """The executor's worker threads (all pools name theirs `xcs-...`)."""
+  """The executor's worker threads (all pools name theirs `xcs-...`).
+
+  Pools start threads lazily, up to their size, whenever no worker is idle at
+  the moment of a submit; so a count can grow between identical runs until a
+  pool is full. Compare counts only for a pool the warm-up filled; to check
+  that nothing is left running, use `busy_xcs_threads`.
+  """
   return [t for t in threading.enumerate() if t.name.startswith("xcs-")]
+
+
+_POOL_WORKER_FILE = os.path.join("concurrent", "futures", "thread.py")
+
+
+def busy_xcs_threads() -> list[threading.Thread]:
+  """The executor's threads that are running a work item now (not idle).
+
+  An idle pool worker waits on its queue in `_worker`; a busy one has
+  `_WorkItem.run` on its stack.
+  """
+  frames = sys._current_frames()
+  busy = []
+  for t in xcs_threads():
+    f = frames.get(t.ident)
+    while f is not None:
+      code = f.f_code
+      if code.co_name == "run" and code.co_filename.endswith(_POOL_WORKER_FILE):
+        busy.append(t)
+        break
+      f = f.f_back
+  return busy
 
 
 def wait_until(predicate: Callable[[], bool], timeout_s: float = 10.0) -> bool:

@@ -18,7 +18,8 @@ from xcs_jax import models, text
 from xcs_jax._src.providers import base
 from xcs_jax._src.providers.fake import FakeProviderError
 
-from conftest import InFlight, unique_binding, wait_until, xcs_threads
+from conftest import (InFlight, busy_xcs_threads, unique_binding, wait_until,
+                      xcs_threads)
 
 HANG_S = 20.0      # latency of calls that must be cut short
 FAST_S = 8.0       # "arrives long before HANG_S", with room for a busy machine
@@ -223,6 +224,7 @@ def test_one_failure_cancels_slow_siblings(fake_inflight, jit):
   # The real failure is reported, not a sibling's cancellation.
   assert "FakeProviderError" in str(e.value) and "batch item 15" in str(e.value)
   assert rec.now == 0  # every sibling had ended before the error was raised
+  assert wait_until(lambda: not busy_xcs_threads())
 
 
 def test_failing_host_op_item_stops_unstarted_siblings():
@@ -243,6 +245,25 @@ def test_failing_host_op_item_stops_unstarted_siblings():
   assert rec.calls <= 2 and rec.now == 0
 
 
+def test_busy_thread_check_sees_running_work():
+  """The helper the checks below rely on: it sees a call in flight."""
+  release = threading.Event()
+
+  @xcs_jax.host_op(out_spec=jax.ShapeDtypeStruct((), jnp.float32), name="held")
+  def held(x):
+    release.wait(HANG_S)
+    return np.float32(0)
+
+  t = threading.Thread(target=lambda: jax.vmap(held)(jnp.ones((3, 2))))
+  t.start()
+  try:
+    assert wait_until(lambda: len(busy_xcs_threads()) >= 3)
+  finally:
+    release.set()
+    t.join(timeout=HANG_S)
+  assert wait_until(lambda: not busy_xcs_threads())
+
+
 def test_no_threads_left_running_after_errors(fake_inflight):
   rec = fake_inflight()
   b = models.bind("fake:echo", latency_s=HANG_S, fail_on="BAD", output_bytes=16,
@@ -253,12 +274,14 @@ def test_no_threads_left_running_after_errors(fake_inflight):
   def fail_once():
     with pytest.raises(RuntimeError):
       f(x).block_until_ready()
-    assert rec.now == 0
+    assert rec.now == 0  # no provider call outlived the error
 
-  fail_once()  # warms up the pool
+  fail_once()  # warms up (fills) the binding's 32-thread pool
   warm = len(xcs_threads())
   for _ in range(3):
     fail_once()
-  # No call in flight, and no new threads: the pool's workers are idle.
-  assert wait_until(lambda: len(xcs_threads()) == warm)
+  # Every worker is idle again (not sleeping out its 20 s), and no threads
+  # were added: the full pool cannot grow.
+  assert wait_until(lambda: not busy_xcs_threads())
+  assert len(xcs_threads()) == warm
   assert rec.now == 0
