@@ -165,9 +165,6 @@ def test_max_concurrency_bounds_calls_in_flight():
   assert rec.peak == 1
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: max_concurrency is applied per (sub-)plan; two control nodes each run up "
-    "to max_concurrency calls, so 4 calls are in flight under max_concurrency=2"))
 def test_max_concurrency_bounds_calls_inside_control_flow():
   rec = Recorder()
   ops = [rec.op(f"s{i}", 0.05) for i in range(3)]
@@ -300,10 +297,6 @@ def test_tensor_only_function_never_retraces_for_new_values():
   assert traced.count == after_first + 1
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: once every cached signature is tensor-only, __call__ sends every later "
-    "signature to plain jax.jit, so host calls that appear with a new static value "
-    "(or shape) run one after another inside XLA, not concurrently"))
 def test_host_calls_after_a_tensor_only_signature_still_run_concurrently():
   rec = Recorder(parties=3, timeout_s=2.0)
   ops = [rec.op(f"c{i}") for i in range(3)]
@@ -403,9 +396,6 @@ def test_decorated_methods():
   assert xcs_jax.get_jit_stats(Model.apply)["cache_misses"] == 1
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason=(
-    "bug: a method on a plain class passes `self` as an array argument; the plan "
-    "cache key fails with \"Cannot interpret '<obj>' as a data type\""))
 def test_decorated_method_on_a_plain_class():
   class Plain:
     scale = 2.0

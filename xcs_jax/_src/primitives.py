@@ -25,7 +25,9 @@ site, its binding and its line.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 from typing import Any, Sequence
 
 import jax
@@ -211,9 +213,31 @@ def make_host_primitive(name: str):
   return prim
 
 
+_watchers = threading.local()
+
+
+@contextlib.contextmanager
+def watch_host_calls():
+  """Counts the host calls bound on this thread inside the block.
+
+  Yields a one-element list holding the count (nested watches all count).
+  """
+  counter = [0]
+  stack = getattr(_watchers, "stack", None)
+  if stack is None:
+    stack = _watchers.stack = []
+  stack.append(counter)
+  try:
+    yield counter
+  finally:
+    stack.remove(counter)
+
+
 def bind_host_call(prim, op: HostCallOp, args: Sequence[Any], *, batch_ndim: int,
                    in_batched: Sequence[bool], source: str) -> list:
   """Binds `prim` on `args`: the one entry point used by every call site."""
+  for counter in getattr(_watchers, "stack", ()):
+    counter[0] += 1
   return prim.bind(*args, op=op, batch_ndim=int(batch_ndim),
                    in_batched=tuple(bool(b) for b in in_batched), source=source)
 

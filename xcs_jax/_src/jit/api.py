@@ -12,6 +12,7 @@ import jax
 import numpy as np
 
 from xcs_jax._src import compat
+from xcs_jax._src.primitives import watch_host_calls
 from xcs_jax._src.jit.explain import render_plan
 from xcs_jax._src.jit.plan import Plan, build_plan
 from xcs_jax._src.jit.scheduler import RunRecord, run_plan
@@ -50,10 +51,23 @@ def _hashable_static(value: Any, where: str) -> Any:
 
 
 class _Entry:
-  __slots__ = ("plan", "out_tree")
+  __slots__ = ("plan", "out_tree", "objects")
 
-  def __init__(self, plan: Plan | None, out_tree: Any):
-    self.plan, self.out_tree = plan, out_tree
+  def __init__(self, plan: Plan | None, out_tree: Any, objects: tuple = ()):
+    self.plan, self.out_tree, self.objects = plan, out_tree, objects
+
+
+class _HostCallsFound(Exception):
+  """Stops a jax.jit trace on the fast path: this signature makes host calls."""
+
+
+def _has_objects(entry: _Entry) -> bool:
+  return bool(entry.objects)
+
+
+def _is_array_like(x: Any) -> bool:
+  return isinstance(x, (jax.Array, np.ndarray, np.generic, bool, int, float, complex)
+                    ) or hasattr(x, "__jax_array__")
 
 
 class JitFunction:
@@ -83,15 +97,22 @@ class JitFunction:
     self._warned_fallback = False
     self._stats = dict(status="cold", cache_hits=0, cache_misses=0)
     self._last: dict = {}
-    # Once a signature turns out to make no host calls, later calls go
-    # straight to jax.jit (its C++ dispatch path is what 'as fast as jax.jit'
-    # needs). Signatures seen after that are traced by jax.jit alone: if one
-    # did make host calls, they would still run correctly, one at a time.
-    self._jax_jit = jax.jit(fun, static_argnums=self.static_argnums,
+    # Once every signature seen makes no host calls, calls go straight to
+    # jax.jit (its C++ dispatch path is what 'as fast as jax.jit' needs). A
+    # new signature that does bind a host call stops that trace (see
+    # `_no_host_calls`) and takes the scheduler's path.
+    self._jax_jit = jax.jit(self._no_host_calls, static_argnums=self.static_argnums,
                             static_argnames=self.static_argnames)
     self._tensor_only = False
     self._fast_calls = 0
     functools.update_wrapper(self, fun)
+
+  def _no_host_calls(self, *args, **kwargs):
+    with watch_host_calls() as count:
+      out = self.fun(*args, **kwargs)
+    if count[0]:
+      raise _HostCallsFound()
+    return out
 
   def __get__(self, obj, objtype=None):
     if obj is None:
@@ -114,12 +135,24 @@ class JitFunction:
       else:
         dyn_kwargs[k] = v
     leaves, tree = jax.tree_util.tree_flatten((dyn_args, dyn_kwargs))
-    return tuple(static), leaves, tree
+    # Leaves that are not arrays (a method's `self`, a config object) are
+    # static, like equinox's filter_jit: hashed into the key, not traced.
+    objects, arrays = [], []
+    for i, x in enumerate(leaves):
+      if _is_array_like(x):
+        arrays.append(x)
+      else:
+        objects.append((i, _hashable_static(x, f"leaf {type(x).__name__}")))
+    return tuple(static), tuple(objects), arrays, tree
 
-  def _flat_fun(self, static, tree, n_args):
+  def _flat_fun(self, static, objects, tree, n_args):
     out_tree_box = []
 
-    def flat(*leaves):
+    def flat(*arrays):
+      leaves, it = [], iter(arrays)
+      by_position = dict(objects)
+      for i in range(len(arrays) + len(objects)):
+        leaves.append(by_position[i] if i in by_position else next(it))
       dyn_args, kwargs = jax.tree_util.tree_unflatten(tree, leaves)
       args, it = [], iter(dyn_args)
       static_pos = {i: v for kind, i, v in static if kind == "pos"}
@@ -133,8 +166,8 @@ class JitFunction:
       return out_leaves
     return flat, out_tree_box
 
-  def _build(self, static, leaves, tree, n_args) -> _Entry:
-    flat, out_tree_box = self._flat_fun(static, tree, n_args)
+  def _build(self, static, objects, leaves, tree, n_args) -> _Entry:
+    flat, out_tree_box = self._flat_fun(static, objects, tree, n_args)
     try:
       closed = jax.make_jaxpr(flat)(*leaves)
     except _UNTRACEABLE as e:
@@ -147,11 +180,11 @@ class JitFunction:
             "Use lax.cond / lax.switch / host_op to keep it traceable.",
             RuntimeWarning, stacklevel=4)
       return _Entry(None, _FALLBACK)
-    return _Entry(build_plan(closed), out_tree_box[0])
+    return _Entry(build_plan(closed), out_tree_box[0], objects)
 
   def _entry(self, args, kwargs):
-    static, leaves, tree = self._split(args, kwargs)
-    key = (static, tree, len(args), tuple(_leaf_key(x) for x in leaves))
+    static, objects, leaves, tree = self._split(args, kwargs)
+    key = (static, objects, tree, len(args), tuple(_leaf_key(x) for x in leaves))
     with self._lock:
       entry = self._cache.get(key)
       if entry is not None:
@@ -168,7 +201,7 @@ class JitFunction:
       event.wait()
       return self._entry(args, kwargs)
     try:
-      entry = self._build(static, leaves, tree, len(args))
+      entry = self._build(static, objects, leaves, tree, len(args))
       with self._lock:
         self._stats["cache_misses"] += 1
         self._cache[key] = entry
@@ -179,7 +212,7 @@ class JitFunction:
         elif self._stats["status"] == "cold":
           self._stats["status"] = "compiled"
         self._last_plan = entry.plan
-        self._tensor_only = all(
+        self._tensor_only = not objects and all(
             e.plan is not None and e.plan.analysis.execution_strategy == "tensor"
             for e in self._cache.values())
     finally:
@@ -191,8 +224,12 @@ class JitFunction:
   # --- calling --------------------------------------------------------------
   def __call__(self, *args, **kwargs):
     if self._tensor_only:
-      self._fast_calls += 1
-      return self._jax_jit(*args, **kwargs)
+      try:
+        out = self._jax_jit(*args, **kwargs)
+        self._fast_calls += 1
+        return out
+      except _HostCallsFound:  # a new signature with host calls
+        self._tensor_only = False
     leaves_all = jax.tree_util.tree_leaves((args, kwargs))
     if any(compat.is_tracer(x) for x in leaves_all):
       # Under an outer jax transformation (jit, grad, vmap, or xcs_jax.jit
@@ -205,13 +242,13 @@ class JitFunction:
       out = self.fun(*args, **kwargs)
       self._record(start, None, None)
       return out
-    if entry.plan.whole is not None:  # no host calls: one XLA executable
+    if entry.plan.whole is not None and not _has_objects(entry):  # one XLA executable
       out = self._jax_jit(*args, **kwargs)
       self._record(start, None, entry.plan)
       return out
     record = RunRecord()
-    outs = run_plan(entry.plan, leaves, max_concurrency=self.max_concurrency,
-                    record=record)
+    limit = threading.Semaphore(self.max_concurrency) if self.max_concurrency else None
+    outs = run_plan(entry.plan, leaves, limit=limit, record=record)
     self._record(start, record, entry.plan)
     return jax.tree_util.tree_unflatten(entry.out_tree, outs)
 

@@ -39,7 +39,10 @@ class RunRecord:
     self.host_seconds = 0.0
 
 
-def _run_host_step(step, values, ctx):
+def _run_host_step(step, values, ctx, limit):
+  if limit is not None:
+    with limit:
+      return _run_host_step(step, values, ctx, None)
   start = time.perf_counter()
   p = step.eqn.params
   outs = run_host_call(p["op"], p["batch_ndim"], p["in_batched"], p["source"], *values,
@@ -47,10 +50,9 @@ def _run_host_step(step, values, ctx):
   return outs, time.perf_counter() - start
 
 
-def _run_control_step(step, values, ctx, max_concurrency, record):
+def _run_control_step(step, values, ctx, limit, record):
   def run_sub(plan, args, sub_ctx):
-    return run_plan(plan, list(args), ctx=sub_ctx, max_concurrency=max_concurrency,
-                    record=record)
+    return run_plan(plan, list(args), ctx=sub_ctx, limit=limit, record=record)
   return step.run(values, ctx, run_sub), 0.0  # sub-plans count their host time
 
 
@@ -72,8 +74,13 @@ class _Lane:
 
 
 def run_plan(plan, args: list, *, ctx: CallContext | None = None,
-             max_concurrency: int | None = None, record: RunRecord | None = None) -> list:
-  """Runs `plan` on flat `args`; returns its flat outputs."""
+             limit: threading.Semaphore | None = None,
+             record: RunRecord | None = None) -> list:
+  """Runs `plan` on flat `args`; returns its flat outputs.
+
+  `limit`, shared with the sub-plans of control flow, bounds how many host
+  calls run at once (`xcs_jax.jit(..., max_concurrency=...)`).
+  """
   if plan.whole is not None:
     return list(plan.whole(*args))
   ctx = ctx or CallContext()
@@ -97,9 +104,9 @@ def run_plan(plan, args: list, *, ctx: CallContext | None = None,
         step, values = lane.queue.popleft()
       try:
         if step.kind is Kind.HOST:
-          result = _run_host_step(step, values, ctx)
+          result = _run_host_step(step, values, ctx, limit)
         else:
-          result = _run_control_step(step, values, ctx, max_concurrency, record)
+          result = _run_control_step(step, values, ctx, limit, record)
         done.put((step.index, result, None))
       except BaseException as e:  # reported to the scheduler thread
         done.put((step.index, None, e))
@@ -143,8 +150,7 @@ def run_plan(plan, args: list, *, ctx: CallContext | None = None,
 
   grace_deadline = None
   while True:
-    while ready and error is None and (max_concurrency is None
-                                       or in_flight < max_concurrency):
+    while ready and error is None:
       step = steps[ready.popleft()]
       if step.kind is Kind.TENSOR:
         try:
