@@ -1,0 +1,197 @@
+"""The `openai` provider against a real OpenAI-compatible server on 127.0.0.1.
+
+The module fixture starts `python -m llama_cpp.server` serving the SmolLM2
+GGUF under two names: ``smollm2`` (chat and completions, loaded with
+`logits_all` so echoed prompts carry log-probabilities) and ``smollm2-embed``
+(embedding mode with mean pooling). It always stops the server.
+"""
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import jax
+import numpy as np
+import pytest
+
+import xcs_jax
+from auth_echo_server import auth_echo_server, error_texts
+from xcs_jax import text
+from xcs_jax._src.executor import CallContext
+from xcs_jax._src.providers import base, local
+from xcs_jax._src.providers.openai import CHATML
+from xcs_jax.models import bind
+
+openai = pytest.importorskip("openai")
+
+SYSTEM = "Answer in one short sentence."
+SECRET = "sk-xcs-test-DISTINCTIVE-7f3a9c"
+READY_TIMEOUT_S = 90
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server_url(tmp_path_factory):
+  pytest.importorskip("llama_cpp.server.app")
+  gguf = local.default_model_path()
+  port = _free_port()
+  common = {"model": gguf, "n_threads": 1, "verbose": False}
+  config = {"host": "127.0.0.1", "port": port, "models": [
+      {**common, "model_alias": "smollm2", "logits_all": True, "n_ctx": 2048},
+      {**common, "model_alias": "smollm2-embed", "embedding": True, "n_ctx": 512,
+       "kv_overrides": ["llama.pooling_type=int:1"]},     # 1: mean pooling
+  ]}
+  folder = tmp_path_factory.mktemp("llama_server")
+  config_path = folder / "config.json"
+  config_path.write_text(json.dumps(config))
+  log = open(folder / "server.log", "w+")
+  proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--config_file",
+                           str(config_path)], stdout=log, stderr=subprocess.STDOUT)
+  base_url = f"http://127.0.0.1:{port}/v1"
+  try:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while True:
+      if proc.poll() is not None:
+        log.seek(0)
+        pytest.fail(f"llama_cpp.server exited with {proc.returncode}:\n{log.read()[-3000:]}")
+      try:
+        with urllib.request.urlopen(f"{base_url}/models", timeout=1):
+          break
+      except OSError:
+        if time.monotonic() > deadline:
+          pytest.fail(f"llama_cpp.server not ready after {READY_TIMEOUT_S} s")
+        time.sleep(0.2)
+    yield base_url
+  finally:
+    proc.terminate()
+    try:
+      proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+      proc.kill()
+      proc.wait(timeout=10)
+    log.close()
+
+
+def _chat(base_url, **params):
+  defaults = dict(base_url=base_url, api_key_env=None, max_tokens=12, output_bytes=256,
+                  system_prompt=SYSTEM, timeout_s=60.0)
+  return bind("openai:smollm2", **{**defaults, **params})
+
+
+def _provider():
+  return base.get_provider("openai")
+
+
+# -- against the real server --------------------------------------------------
+
+@pytest.mark.server
+def test_generation_under_jit_and_vmap(server_url):
+  m = _chat(server_url)
+  one = text.decode(jax.jit(m)(text.encode("What is the capital of France?", 64)))
+  assert "Paris" in one
+  batch = text.decode(jax.jit(jax.vmap(m))(text.encode(["What is 2+2?", "Name a color."], 64)))
+  assert len(batch) == 2 and all(a.strip() for a in batch)
+  usage = m.usage()
+  assert usage.calls == 3 and usage.errors == 0
+  assert usage.prompt_tokens > 0 and usage.completion_tokens > 0
+
+
+@pytest.mark.server
+def test_score_options_match_the_local_models_exact_values(server_url):
+  options = ("Yes.", "The sky is blue.")
+  prompt = "Is the sky blue? Answer yes or no."
+  remote = _provider().score_options(_chat(server_url, score_template=CHATML), prompt,
+                                     options, CallContext(), None)
+  exact = base.get_provider("local").score_options(
+      bind("local:smollm2", system_prompt=SYSTEM), prompt, options, CallContext(), None)
+  assert remote.shape == (2,) and (remote <= 0).all()
+  np.testing.assert_allclose(remote, exact, atol=1e-3)
+
+
+@pytest.mark.server
+def test_score_options_without_template_is_a_clear_error(server_url):
+  with pytest.raises(NotImplementedError, match="score_template"):
+    _provider().score_options(_chat(server_url), "Is it?", ("Yes.", "No."),
+                              CallContext(), None)
+  m = _chat(server_url)
+  if hasattr(m, "score_options"):
+    with pytest.raises(xcs_jax.XCSExecutionError, match="local"):
+      xcs_jax.jit(lambda p: m.score_options(p, ("Yes.", "No.")))(text.encode("Is it?", 16))
+
+
+@pytest.mark.server
+def test_embed_through_the_embeddings_endpoint(server_url):
+  m = bind("openai:smollm2-embed", base_url=server_url, api_key_env=None)
+  provider = _provider()
+  assert provider.embedding_dim(m) == 576            # one probe request, cached
+  texts = ["a cat sat on the mat", "a kitten sat on the rug", "quarterly tax filing deadline"]
+  vectors = np.stack([provider.embed(m, t, CallContext(), None) for t in texts])
+  assert vectors.shape == (3, 576)
+  unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+  assert unit[0] @ unit[1] > unit[0] @ unit[2] + 0.05
+  if hasattr(m, "embed"):
+    out = jax.jit(jax.vmap(m.embed))(text.encode(texts[:2], 32))
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.server
+def test_a_key_in_the_environment_is_used_but_never_shown(server_url, monkeypatch):
+  monkeypatch.setenv("XCS_TEST_OPENAI_KEY", SECRET)
+  m = _chat(server_url, api_key_env="XCS_TEST_OPENAI_KEY")
+  assert text.decode(m(text.encode("Say hi.", 16))).strip()
+  for shown in (repr(m), str(m), repr(m.params), str(xcs_jax.usage())):
+    assert SECRET not in shown
+
+
+# -- errors (no model server needed) -------------------------------------------
+
+def test_missing_api_key_names_the_variable(monkeypatch):
+  monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+  with pytest.raises(ValueError, match="OPENAI_API_KEY.*not set"):
+    bind("openai:gpt-4o-mini")
+  monkeypatch.delenv("XCS_NO_SUCH_KEY", raising=False)
+  with pytest.raises(ValueError, match="XCS_NO_SUCH_KEY"):
+    bind("openai:gpt-4o-mini", api_key_env="XCS_NO_SUCH_KEY")
+
+
+def test_a_rejected_key_never_appears_in_errors(monkeypatch):
+  monkeypatch.setenv("XCS_TEST_OPENAI_KEY", SECRET)
+  with auth_echo_server() as url:
+    m = bind("openai:gpt-4o-mini", base_url=f"{url}/v1", api_key_env="XCS_TEST_OPENAI_KEY",
+             retries=0, timeout_s=10.0)
+    assert SECRET not in repr(m) and SECRET not in str(m)
+    with pytest.raises(xcs_jax.XCSExecutionError) as info:
+      xcs_jax.jit(m)(text.encode("hi", 8))
+  shown = error_texts(info.value)
+  assert "Incorrect API key provided: [redacted]" in shown
+  assert SECRET not in shown
+  with pytest.raises(Exception) as plain:           # plain jax.jit: text only
+    jax.jit(m)(text.encode("hi", 8))
+  assert SECRET not in error_texts(plain.value)
+
+
+def test_connection_refused_fails_fast_with_bounded_retries():
+  m = bind("openai:smollm2", base_url=f"http://127.0.0.1:{_free_port()}/v1",
+           api_key_env=None, retries=1, timeout_s=2.0)
+  start = time.monotonic()
+  with pytest.raises(xcs_jax.XCSExecutionError) as info:
+    xcs_jax.jit(m)(text.encode("hi", 8))
+  assert time.monotonic() - start < 10
+  assert isinstance(info.value.__cause__, openai.APIConnectionError)
+  assert m.usage().retries == 0                     # the SDK retried, not xcs_jax
+
+
+def test_bad_params_are_clear_errors():
+  with pytest.raises(ValueError, match="score_template"):
+    bind("openai:m", api_key_env=None, score_template="no reply field")
+  with pytest.raises(ValueError, match="embedding_dim"):
+    bind("openai:m", api_key_env=None, embedding_dim=0)

@@ -1,0 +1,155 @@
+"""What the SDK-backed providers share: lazy imports, API keys, one request.
+
+Heavy SDKs (llama_cpp, openai, anthropic) are imported inside provider methods
+so `import xcs_jax` stays fast and works without them; a missing one is an
+`ImportError` naming the pip extra that installs it.
+
+API keys are read from the environment only when a client is made. Bindings
+hold the variable's *name*, never its value, and no error, repr or log line
+this library writes contains the value: SDK errors whose text contains the
+key are replaced by a redacted copy (some servers echo a wrong key back).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import os
+import threading
+import time
+from typing import Any, Callable
+
+from xcs_jax._src.errors import XCSTimeoutError
+from xcs_jax._src.executor import CallContext
+
+NO_AUTH_PLACEHOLDER = "no-key"
+"""Sent as the key to endpoints bound with `api_key_env=None` (the SDKs need one)."""
+
+
+class ProviderAPIError(RuntimeError):
+  """An SDK error, re-raised with secrets removed from its text."""
+
+
+def import_sdk(module: str, extra: str) -> Any:
+  """Imports `module`, or raises an ImportError saying how to install it."""
+  try:
+    return importlib.import_module(module)
+  except ImportError as e:
+    raise ImportError(
+        f"xcs_jax needs the `{module}` package for this provider: "
+        f"pip install 'xcs_jax[{extra}]'") from e
+
+
+def check_installed(module: str, extra: str) -> None:
+  """Like `import_sdk`, without importing (for bind-time checks)."""
+  if importlib.util.find_spec(module) is None:
+    raise ImportError(
+        f"xcs_jax needs the `{module}` package for this provider: "
+        f"pip install 'xcs_jax[{extra}]'")
+
+
+def check_api_key_env(spec: str, api_key_env: str | None) -> None:
+  """Raises a ValueError naming the variable and the fix when it is unset."""
+  if api_key_env is None:
+    return
+  if not isinstance(api_key_env, str) or not api_key_env:
+    raise ValueError(f"`bind({spec!r}, api_key_env=...)` must be the name of an "
+                     f"environment variable or None; got {api_key_env!r}.")
+  if not os.environ.get(api_key_env):
+    raise ValueError(
+        f"`bind({spec!r})` reads its API key from the environment variable "
+        f"{api_key_env}, which is not set. Set it (`export {api_key_env}=...`), "
+        "pass `api_key_env='OTHER_VARIABLE'` to read another one, or "
+        "`api_key_env=None` for an endpoint without authentication "
+        "(e.g. a local server).")
+
+
+def read_api_key(spec: str, api_key_env: str | None) -> str:
+  """The key in `api_key_env` (a placeholder when None). Never log the result."""
+  if api_key_env is None:
+    return NO_AUTH_PLACEHOLDER
+  check_api_key_env(spec, api_key_env)
+  return os.environ[api_key_env]
+
+
+def key_fingerprint(key: str) -> str:
+  """A short digest that tells keys apart (for caches) without revealing them."""
+  return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def redact(error: BaseException, secret: str | None) -> BaseException:
+  """`error` itself, or a `ProviderAPIError` copy when its text holds `secret`."""
+  if not secret or secret == NO_AUTH_PLACEHOLDER:
+    return error
+  text = f"{error}\n{error!r}"
+  if secret not in text:
+    return error
+  clean = str(error).replace(secret, "[redacted]")
+  return ProviderAPIError(f"{type(error).__name__}: {clean}")
+
+
+def request(fn: Callable[[float | None], Any], *, ctx: CallContext,
+            deadline: float | None, timeout_s: float | None,
+            timeout_errors: tuple[type[BaseException], ...], secret: str | None,
+            what: str) -> Any:
+  """`fn(timeout)`: one SDK request, bounded by the call's deadline.
+
+  The SDK does its own retries (its `max_retries` is the binding's `retries`),
+  so this makes exactly one SDK call. A request in flight cannot be
+  interrupted; it ends by itself or at its timeout.
+
+  Raises:
+    XCSCancelledError: a sibling call failed before the request started.
+    XCSTimeoutError: the deadline passed, or the SDK gave up on a timeout.
+  """
+  ctx.check()
+  timeout = timeout_s
+  if deadline is not None:
+    timeout = deadline - time.monotonic()
+    if timeout <= 0:
+      raise XCSTimeoutError(f"the call ran past its timeout of {timeout_s} s")
+  # Errors are raised after the `except` blocks so that a redacted error does
+  # not keep the original (with the secret) as its implicit `__context__`.
+  try:
+    return fn(timeout)
+  except timeout_errors as e:
+    cause = redact(e, secret)
+    timed_out = True
+  except Exception as e:
+    cause = redact(e, secret)
+    if cause is e:
+      raise
+    timed_out = False
+  if timed_out:
+    raise XCSTimeoutError(
+        f"{what} timed out (timeout_s={timeout_s} per attempt)") from cause
+  raise cause
+
+
+class ClientCache:
+  """One SDK client per (base_url, api_key_env, key, timeout_s, retries).
+
+  `make(base_url=, api_key=, timeout=, max_retries=)` builds a client; the
+  key is read from the binding's `api_key_env` each time a client is looked
+  up, so a changed variable takes effect (the cache holds a digest of it).
+  """
+
+  def __init__(self, provider: str, make: Callable[..., Any]):
+    self._provider = provider
+    self._make = make
+    self._clients: dict[tuple, Any] = {}
+    self._lock = threading.Lock()
+
+  def get(self, binding) -> tuple[Any, str]:
+    """(client, key) for `binding`."""
+    p = binding.options
+    key = read_api_key(f"{self._provider}:{binding.model}", p["api_key_env"])
+    cache_key = (p["base_url"], p["api_key_env"], key_fingerprint(key),
+                 p["timeout_s"], p["retries"])
+    with self._lock:
+      client = self._clients.get(cache_key)
+      if client is None:
+        client = self._clients[cache_key] = self._make(
+            base_url=p["base_url"], api_key=key, timeout=p["timeout_s"],
+            max_retries=int(p["retries"]))
+    return client, key
