@@ -65,7 +65,7 @@ class ModelBinding:
 
   def concurrency(self) -> int:
     c = self.get("concurrency")
-    return int(c) if c is not None else base.get_provider(self.provider).default_concurrency
+    return int(c) if c is not None else base.get_provider(self.provider).concurrency(self)
 
   def __call__(self, prompts: jax.typing.ArrayLike, *, key: jax.Array | None = None
                ) -> jax.Array:

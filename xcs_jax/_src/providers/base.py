@@ -55,6 +55,10 @@ class Provider:
   params: ClassVar[Mapping[str, Any]] = {}
   default_concurrency: ClassVar[int] = 16
 
+  def concurrency(self, binding) -> int:
+    """Calls in flight at once for a binding that does not set `concurrency`."""
+    return self.default_concurrency
+
   def validate(self, model: str, params: Mapping[str, Any]) -> None:
     """Checks a binding when it is made (e.g. that its API key is set)."""
 

@@ -222,6 +222,9 @@ class LocalProvider(base.Provider):
   params = {"model_path": None, "pool_size": 2, "n_threads": None, "n_ctx": 2048,
             "reuse_prompt_state": True}
 
+  def concurrency(self, binding) -> int:
+    return int(binding.get("pool_size"))
+
   def __init__(self):
     self._pools: dict[tuple, InstancePool] = {}
     self._lock = threading.Lock()
