@@ -18,7 +18,7 @@ import xcs_jax
 from xcs_jax import text
 from xcs_jax._src.providers.fake import FakeProviderError
 
-from conftest import unique_binding, wait_until, xcs_threads
+from conftest import busy_xcs_threads, unique_binding, wait_until
 from jit_helpers import Recorder
 
 HANG_S = 30.0
@@ -216,11 +216,12 @@ def test_no_work_left_running_after_errors(fake_inflight):
       f(prompts, 1.0)
     assert rec.now == 0 and ops_rec.now == 0
 
-  fail_once()  # warms the pools up
-  warm = len(xcs_threads())
   for _ in range(3):
     fail_once()
-  # Nothing in flight a while later either, and no threads were added.
-  time.sleep(0.2)
+  # Nothing in flight a while later either, and nothing started after the raise.
+  calls = (rec.calls, ops_rec.calls)
+  time.sleep(0.3)
   assert rec.now == 0 and ops_rec.now == 0
-  assert wait_until(lambda: len(xcs_threads()) <= warm)
+  assert (rec.calls, ops_rec.calls) == calls
+  # No pool worker is running a work item.
+  assert wait_until(lambda: not busy_xcs_threads())
