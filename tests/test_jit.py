@@ -515,6 +515,25 @@ def test_python_control_flow_on_a_model_answer_falls_back():
   assert "falls back" in xcs_jax.explain(jf, yes, 1.0)
 
 
+def test_fallback_after_a_tensor_only_signature():
+  # A signature JAX cannot trace falls back even when earlier signatures took
+  # the tensor-only fast path (regression: it raised TracerBoolConversionError).
+  def f(x):
+    if x.shape[0] > 2:
+      return x * 2.0
+    if x[0] > 0:  # Python control flow on a traced value
+      return x + 1.0
+    return x - 1.0
+
+  jf = xcs_jax.jit(f)
+  np.testing.assert_allclose(jf(jnp.ones(3)), [2.0, 2.0, 2.0])
+  with pytest.warns(RuntimeWarning, match="could not trace f"):
+    np.testing.assert_allclose(jf(jnp.ones(1)), [2.0])
+  np.testing.assert_allclose(jf(-jnp.ones(1)), [-2.0])
+  assert xcs_jax.get_jit_stats(jf)["status"] == "fallback"
+  np.testing.assert_allclose(jf(jnp.ones(3) * 2), [4.0, 4.0, 4.0])
+
+
 # --- thread safety ------------------------------------------------------------------
 
 def test_sixteen_threads_at_once_get_what_serial_calls_get():

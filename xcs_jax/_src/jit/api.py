@@ -228,7 +228,8 @@ class JitFunction:
         out = self._jax_jit(*args, **kwargs)
         self._fast_calls += 1
         return out
-      except _HostCallsFound:  # a new signature with host calls
+      except (_HostCallsFound,  # a new signature with host calls
+              *_UNTRACEABLE):    # or one JAX cannot trace: the fallback path warns
         self._tensor_only = False
     leaves_all = jax.tree_util.tree_leaves((args, kwargs))
     if any(compat.is_tracer(x) for x in leaves_all):
