@@ -121,6 +121,12 @@ class HostFnOp(HostCallOp):
     args = jax.tree_util.tree_unflatten(self.in_treedef, list(inputs))
     return self._check_outputs(self._call(args), specs, treedef, None)
 
+  def run_single(self, ctx, inputs, source, index=None):
+    if not self.vectorized:
+      return super().run_single(ctx, inputs, source, index)
+    outs = self.run_batch(ctx, [x[None] for x in inputs], [True] * len(inputs), 1, source)
+    return [o[0] for o in outs]
+
   def run_batch(self, ctx, inputs, in_batched, n, source):
     if not self.vectorized:
       return super().run_batch(ctx, inputs, in_batched, n, source)

@@ -65,18 +65,23 @@ class HostCallOp:
   def describe(self) -> str:
     raise NotImplementedError
 
+  def run_single(self, ctx: CallContext, inputs: Sequence[np.ndarray], source: str,
+                 index: int | None = None) -> Sequence[np.ndarray]:
+    """One call on one example, its failure wrapped in `XCSExecutionError`."""
+    ctx.check()
+    try:
+      return self.run_example(ctx, *inputs)
+    except XCSCancelledError:
+      raise
+    except Exception as e:
+      raise self.execution_error(e, source, index=index) from e
+
   def run_batch(self, ctx: CallContext, inputs: Sequence[np.ndarray],
                 in_batched: Sequence[bool], n: int, source: str) -> list[np.ndarray]:
     """Runs `n` examples concurrently; batched inputs have a leading axis `n`."""
     def one(i):
-      ctx.check()
       example = [x[i] if b else x for x, b in zip(inputs, in_batched)]
-      try:
-        return self.run_example(ctx, *example)
-      except XCSCancelledError:
-        raise
-      except Exception as e:
-        raise self.execution_error(e, source, index=i if n > 1 else None) from e
+      return self.run_single(ctx, example, source, index=i if n > 1 else None)
     results = map_concurrent(one, n, pool=self.pool(), ctx=ctx)
     return [np.stack([r[k] for r in results]) for k in range(len(results[0]))]
 
@@ -114,6 +119,8 @@ def run_host_call(op: HostCallOp, batch_ndim: int, in_batched: tuple, source: st
   `ctx` lets a caller that runs many calls (the scheduler) cancel them all.
   """
   arrays = [np.asarray(a) for a in args]
+  if batch_ndim == 0:  # one call: no batch to split and stack
+    return [np.asarray(o) for o in op.run_single(ctx or CallContext(), arrays, source)]
   batch_shape = _batch_shape([a.shape for a in arrays], batch_ndim, in_batched)
   n = math.prod(batch_shape)
   flat = [a.reshape((n,) + a.shape[batch_ndim:]) if b else a

@@ -13,7 +13,6 @@ most `CANCEL_GRACE_S` for running calls to end, and raises that failure.
 from __future__ import annotations
 
 import collections
-import queue
 import threading
 import time
 from typing import Any
@@ -90,7 +89,11 @@ def run_plan(plan, args: list, *, ctx: CallContext | None = None,
   steps = plan.steps
   waiting = {i: len(s.deps) for i, s in steps.items()}
   ready = collections.deque(i for i, n in waiting.items() if n == 0)
-  done: queue.SimpleQueue = queue.SimpleQueue()
+  # Reports from workers. A worker wakes the scheduler only when it is not
+  # already awake: per-report wake-ups would make the scheduler and the
+  # workers trade the GIL once per call.
+  done: collections.deque = collections.deque()
+  has_reports = threading.Event()
   lanes: dict = {}
   in_flight = 0
   error: BaseException | None = None
@@ -107,11 +110,13 @@ def run_plan(plan, args: list, *, ctx: CallContext | None = None,
           result = _run_host_step(step, values, ctx, limit)
         else:
           result = _run_control_step(step, values, ctx, limit, record)
-        done.put((step.index, result, None))
+        done.append((step.index, result, None))
       except BaseException as e:  # reported to the scheduler thread
-        done.put((step.index, None, e))
+        done.append((step.index, None, e))
+      if not has_reports.is_set():
+        has_reports.set()
 
-  def submit(step):
+  def enqueue(step):
     values = [read(r, env) for r in step.eqn.ins]  # in eqn order, literals too
     if step.kind is Kind.HOST and not step.batched:
       pool = step.eqn.params["op"].pool()
@@ -122,11 +127,15 @@ def run_plan(plan, args: list, *, ctx: CallContext | None = None,
       lane = lanes[id(pool)] = _Lane(pool)
     with lane.lock:
       lane.queue.append((step, values))
-      spawn = lane.workers < pool.size
-      if spawn:
-        lane.workers += 1
-    if spawn:
-      pool.submit(work, lane)
+    return lane
+
+  def start_workers(lane):
+    with lane.lock:
+      spawn = min(len(lane.queue), lane.pool.size) - lane.workers
+      if spawn > 0:
+        lane.workers += spawn
+    for _ in range(spawn):
+      lane.pool.submit(work, lane)
 
   def finish(step, outs):
     # A segment returns only `step.outs` (the outputs others read); a host call
@@ -150,6 +159,7 @@ def run_plan(plan, args: list, *, ctx: CallContext | None = None,
 
   grace_deadline = None
   while True:
+    touched = set()
     while ready and error is None:
       step = steps[ready.popleft()]
       if step.kind is Kind.TENSOR:
@@ -161,23 +171,28 @@ def run_plan(plan, args: list, *, ctx: CallContext | None = None,
         finish(step, outs)
       else:
         in_flight += 1
-        submit(step)
+        touched.add(enqueue(step))
+    for lane in touched:  # all ready work queued first, then the workers
+      start_workers(lane)
     if in_flight == 0:
       break
     if error is not None and grace_deadline is None:
       grace_deadline = time.monotonic() + CANCEL_GRACE_S
-    try:
-      timeout = None if grace_deadline is None else max(0.0, grace_deadline - time.monotonic())
-      index, result, exc = done.get(timeout=timeout)
-    except queue.Empty:
+    timeout = None if grace_deadline is None else max(0.0, grace_deadline - time.monotonic())
+    if not has_reports.wait(timeout):
       break  # calls that ignore cancellation: do not wait for them forever
-    in_flight -= 1
-    if exc is not None:
-      fail(exc)
-    elif error is None:
-      outs, seconds = result
-      record.host_seconds += seconds
-      finish(steps[index], outs)
+    has_reports.clear()  # before draining: a report after this sets it again
+    reports = []
+    while done:
+      reports.append(done.popleft())
+    for index, result, exc in reports:
+      in_flight -= 1
+      if exc is not None:
+        fail(exc)
+      elif error is None:
+        outs, seconds = result
+        record.host_seconds += seconds
+        finish(steps[index], outs)
   if error is not None:
     raise error
   if any(waiting.values()):  # pragma: no cover - would be a scheduler bug
