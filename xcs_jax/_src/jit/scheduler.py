@@ -131,7 +131,9 @@ def run_plan(plan, args: list, *, ctx: CallContext | None = None,
 
   def start_workers(lane):
     with lane.lock:
-      spawn = min(len(lane.queue), lane.pool.size) - lane.workers
+      # Busy workers may hold slow calls: count only what the queue needs,
+      # within the pool's size (a spare worker finds the queue empty and ends).
+      spawn = min(len(lane.queue), lane.pool.size - lane.workers)
       if spawn > 0:
         lane.workers += spawn
     for _ in range(spawn):
