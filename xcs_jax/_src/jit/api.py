@@ -105,9 +105,11 @@ class JitFunction:
                             static_argnames=self.static_argnames)
     self._tensor_only = False
     self._fast_calls = 0
+    self._fast_traces = 0
     functools.update_wrapper(self, fun)
 
   def _no_host_calls(self, *args, **kwargs):
+    self._fast_traces += 1  # jax.jit traces only for a signature it has not seen
     with watch_host_calls() as count:
       out = self.fun(*args, **kwargs)
     if count[0]:
@@ -270,7 +272,10 @@ class JitFunction:
     with self._lock:
       plan = getattr(self, "_last_plan", None)
       stats = dict(self._stats, cache_entries=len(self._cache))
-      stats["cache_hits"] += self._fast_calls
+      # Fast-path calls: jax.jit's own cache; a trace there is a miss.
+      fast_misses = max(0, self._fast_traces - self._stats["cache_misses"])
+      stats["cache_hits"] += self._fast_calls - fast_misses
+      stats["cache_misses"] += fast_misses
       stats.update(self._last or dict(last_wall_s=None, last_model_call_s=None))
     a = plan.analysis if plan is not None else None
     stats.update(
@@ -327,6 +332,8 @@ def jit(fun: Callable | None = None, *, static_argnums: int | Sequence[int] = ()
 
 def get_jit_stats(f: JitFunction) -> dict:
   """Statistics of an `xcs_jax.jit` function (see the docs for the keys)."""
+  if isinstance(f, functools.partial) and isinstance(f.func, JitFunction):
+    f = f.func  # a method looked up on an instance
   if not isinstance(f, JitFunction):
     raise TypeError(f"`get_jit_stats(f)` needs a function wrapped by `xcs_jax.jit`; "
                     f"got {type(f).__name__}.")
