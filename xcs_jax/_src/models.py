@@ -103,6 +103,42 @@ class ModelBinding:
                             in_batched=in_batched, source=user_source())
     return out
 
+  def score_options(self, prompts: jax.typing.ArrayLike, options: tuple[str, ...]
+                    ) -> jax.Array:
+    """Log-probability of each option as the model's whole reply to each prompt.
+
+    Args:
+      prompts: uint8 text array `[..., max_len]`; leading axes are a batch.
+      options: a static tuple of K distinct, non-empty strings.
+
+    Returns:
+      float32 `[..., K]`: the sum of the option's token log-probabilities under
+      the binding's chat template and system prompt; values are `<= 0`.
+      No gradient flows into the text; float params used downstream get exact
+      gradients. See docs/numeric.md.
+
+    Raises:
+      TypeError / ValueError: bad `options` or `prompts`.
+      XCSExecutionError: the provider failed, cannot score, or returned values
+        that are not log-probabilities (NaN, infinite, positive).
+    """
+    from xcs_jax._src import numeric  # numeric builds on this module
+    return numeric.score_options(self, prompts, options)
+
+  def embed(self, texts: jax.typing.ArrayLike, *, normalize: bool = True) -> jax.Array:
+    """An embedding of each text: float32 `[..., D]`, D from the provider.
+
+    Args:
+      texts: uint8 text array `[..., max_len]`; leading axes are a batch.
+      normalize: L2-normalize each vector (default) or return it as is.
+
+    Raises:
+      NotImplementedError: the binding's model cannot embed (at trace time).
+      XCSExecutionError: the provider failed or returned bad values.
+    """
+    from xcs_jax._src import numeric  # numeric builds on this module
+    return numeric.embed(self, texts, normalize=normalize)
+
 
 def _key_data(key) -> jax.Array:
   key = jnp.asarray(key) if not isinstance(key, jax.Array) else key

@@ -17,11 +17,32 @@ Parameters (beside the common ones):
   request (binding, prompt, seed) in this process fail with a transient
   error (exercises retries).
 - ``choices`` (("yes", "no")): the answers of ``fake:choice``.
+- ``option_bias`` (()): numbers added, by position, to the logits of the
+  options `score_options` is given (a built-in preference for some labels,
+  for calibration tests); shorter than K means 0 for the rest.
+- ``embedding_dim`` (64): D of `embed`.
+
+Every model also scores options and embeds (latency and failures apply alike):
+
+- ``score_options(prompt, options)`` is `log_softmax(logits)` over the K
+  options, so values are <= 0 and their exponentials sum to 1, with
+  ``logits[k] = 2 * overlap(prompt, options[k]) + jitter(prompt, options[k])
+  + option_bias[k]``: `overlap` counts the distinct words of the option that
+  also occur in the prompt (words are lower-cased runs of letters and digits),
+  and `jitter` is a hash of (model, prompt, option) in [0, 1). So an option
+  sharing more words with the prompt always wins without a bias.
+- ``embed(text)`` sums, over the text's words (or the empty word for a text
+  without any), a standard normal vector of size ``embedding_dim`` seeded by
+  a hash of the word: texts sharing words point in similar directions, and
+  the same text always gives the same vector.
 """
 from __future__ import annotations
 
 import hashlib
+import re
 import threading
+
+import numpy as np
 
 from xcs_jax._src.providers import base
 
@@ -36,7 +57,7 @@ class FakeProvider(base.Provider):
   name = "fake"
   default_concurrency = 256
   params = {"latency_s": 0.0, "fail_on": None, "transient_failures": 0,
-            "choices": ("yes", "no")}
+            "choices": ("yes", "no"), "option_bias": (), "embedding_dim": 64}
 
   def validate(self, model, params):
     if model not in MODELS:
@@ -47,23 +68,61 @@ class FakeProvider(base.Provider):
     choices = params["choices"]
     if not (isinstance(choices, tuple) and choices and all(isinstance(c, str) for c in choices)):
       raise ValueError(f"`choices` must be a non-empty tuple of str; got {choices!r}.")
+    bias = params["option_bias"]
+    if not (isinstance(bias, tuple) and all(isinstance(x, (int, float)) for x in bias)):
+      raise ValueError(f"`option_bias` must be a tuple of numbers; got {bias!r}.")
+    dim = params["embedding_dim"]
+    if not isinstance(dim, int) or isinstance(dim, bool) or dim <= 0:
+      raise ValueError(f"`embedding_dim` must be a positive int; got {dim!r}.")
 
   def __init__(self):
     self._attempts: dict = {}
     self._lock = threading.Lock()
 
-  def generate(self, binding, prompt, seed, ctx, deadline):
+  def _simulate(self, binding, prompt, ctx, deadline, request=()):
+    """The latency and injected failures every fake call goes through.
+
+    `request` tells apart distinct requests on the same prompt (a seed, the
+    options), each with its own count of transient failures.
+    """
     p = binding.options
     if p["fail_on"] is not None and p["fail_on"] in prompt:
       raise FakeProviderError(f"injected failure: prompt contains {p['fail_on']!r}")
     ctx.sleep(float(p["latency_s"]), deadline=deadline, timeout_s=p["timeout_s"])
     if p["transient_failures"]:
+      key = (binding, prompt, request)
       with self._lock:
-        n = self._attempts[(binding, prompt, seed)] = (
-            self._attempts.get((binding, prompt, seed), 0) + 1)
+        n = self._attempts[key] = self._attempts.get(key, 0) + 1
       if n <= p["transient_failures"]:
         raise base.TransientError(f"injected transient failure {n}")
-    return self._answer(binding.model, prompt, seed, p)
+
+  def generate(self, binding, prompt, seed, ctx, deadline):
+    self._simulate(binding, prompt, ctx, deadline, request=("generate", seed))
+    return self._answer(binding.model, prompt, seed, binding.options)
+
+  def score_options(self, binding, prompt, options, ctx, deadline):
+    self._simulate(binding, prompt, ctx, deadline, request=("score", options))
+    bias = binding.get("option_bias")
+    prompt_words = set(_words(prompt))
+    logits = np.array([
+        2.0 * len(set(_words(o)) & prompt_words)
+        + _unit_hash(f"{binding.model}\x00{prompt}\x00{o}")
+        + (float(bias[k]) if k < len(bias) else 0.0)
+        for k, o in enumerate(options)])
+    shifted = logits - logits.max()
+    return shifted - np.log(np.exp(shifted).sum())
+
+  def embed(self, binding, text, ctx, deadline):
+    self._simulate(binding, text, ctx, deadline, request=("embed",))
+    dim = self.embedding_dim(binding)
+    vec = np.zeros(dim)
+    for word in _words(text) or [""]:
+      seed = int.from_bytes(hashlib.blake2b(word.encode(), digest_size=8).digest(), "little")
+      vec += np.random.default_rng(seed).standard_normal(dim)
+    return vec
+
+  def embedding_dim(self, binding):
+    return int(binding.get("embedding_dim"))
 
   @staticmethod
   def _answer(model, prompt, seed, p) -> base.Completion:
@@ -76,6 +135,16 @@ class FakeProvider(base.Provider):
       answer = p["choices"][int.from_bytes(digest, "little") % len(p["choices"])]
     return base.Completion(answer, prompt_tokens=len(prompt.split()),
                            completion_tokens=len(answer.split()))
+
+
+def _words(text: str) -> list[str]:
+  return re.findall(r"[^\W_]+", text.lower())
+
+
+def _unit_hash(s: str) -> float:
+  """A deterministic number in [0, 1) from `s`."""
+  digest = hashlib.blake2b(s.encode(), digest_size=8).digest()
+  return int.from_bytes(digest, "little") / 2.0 ** 64
 
 
 base.register_provider("fake", FakeProvider)

@@ -1,0 +1,220 @@
+"""Model outputs as numbers: option log-probabilities and embeddings.
+
+Two host-call primitives beside text generation, with the same rules (abstract
+eval, io_callback lowering, one concurrent batched host call under `vmap`,
+pmap, and a JVP rule):
+
+- `xcs_score_options`: for a prompt and a static tuple of K options, the total
+  log-probability of each option as the model's whole reply, float32 `[K]`;
+- `xcs_embed`: an embedding of a text, float32 `[D]`, with D known at trace
+  time from `provider.embedding_dim(binding)`.
+
+Their inputs are text (uint8), so their outputs carry zero tangents: gradients
+do not flow into the text, but `jax.grad` flows exactly to float parameters
+used downstream (a bias, a temperature, a linear head).
+
+Provider values are checked before they reach JAX: a NaN, an infinity, a
+positive log-probability, a wrong shape or a zero vector to normalize is an
+error naming the provider, never a number passed on silently.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from xcs_jax._src import text as text_lib
+from xcs_jax._src.executor import CallContext
+from xcs_jax._src.models import BindingOp, ModelBinding
+from xcs_jax._src.primitives import bind_host_call, make_host_primitive
+from xcs_jax._src.providers import base
+from xcs_jax._src.source import user_source
+
+score_options_p = make_host_primitive("xcs_score_options")
+embed_p = make_host_primitive("xcs_embed")
+
+# Summing per-token log-probabilities in float32 can round a certain option's
+# total a hair above zero; up to this much is read as 0, anything more is an
+# error.
+LOGPROB_ROUNDING_TOL = 1e-4
+
+
+class ProviderValueError(ValueError):
+  """A provider returned numbers that cannot be right (NaN, > 0, wrong shape)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreOptionsOp(BindingOp):
+  """The `op` param of `xcs_score_options`: a binding and the K options."""
+
+  options: tuple[str, ...]
+
+  kind = "score_options"
+
+  def out_avals(self, in_avals):
+    return [jax.ShapeDtypeStruct((len(self.options),), jnp.float32)]
+
+  def run_example(self, ctx: CallContext, prompt):
+    b = self.binding
+    prompt_text = text_lib.decode_one(prompt)
+    provider = self.provider()
+    values = base.timed_call(
+        b, lambda deadline: provider.score_options(b, prompt_text, self.options, ctx,
+                                                   deadline), ctx)
+    return [check_log_probs(values, self.options, b)]
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbedOp(BindingOp):
+  """The `op` param of `xcs_embed`: a binding and whether to L2-normalize."""
+
+  normalize: bool = True
+
+  kind = "embed"
+
+  def out_avals(self, in_avals):
+    return [jax.ShapeDtypeStruct((embedding_dim(self.binding),), jnp.float32)]
+
+  def run_example(self, ctx: CallContext, text):
+    b = self.binding
+    text_str = text_lib.decode_one(text)
+    provider = self.provider()
+    values = base.timed_call(
+        b, lambda deadline: provider.embed(b, text_str, ctx, deadline), ctx)
+    return [check_embedding(values, embedding_dim(b), self.normalize, b)]
+
+
+def check_options(options: Any) -> tuple[str, ...]:
+  """`options` if it is a tuple of distinct non-empty strings; else a clear error."""
+  if not isinstance(options, tuple):
+    raise TypeError(
+        "`options` must be a tuple of strings (static: it is part of the call's "
+        f"description, like a shape); got {type(options).__name__} {options!r}. "
+        "Write `options=(\"positive\", \"negative\")`.")
+  if not options:
+    raise ValueError("`options` must hold at least one option; got an empty tuple.")
+  bad = [o for o in options if not isinstance(o, str)]
+  if bad:
+    raise TypeError(f"`options` must hold only strings; got {bad[0]!r} "
+                    f"({type(bad[0]).__name__}) in {options!r}.")
+  if any(o == "" for o in options):
+    raise ValueError(f"`options` must be non-empty strings; got {options!r}.")
+  seen, dups = set(), []
+  for o in options:
+    if o in seen:
+      dups.append(o)
+    seen.add(o)
+  if dups:
+    raise ValueError(f"`options` must be distinct; {dups[0]!r} appears more than once "
+                     f"in {options!r}.")
+  return options
+
+
+def check_log_probs(values: Any, options: tuple[str, ...],
+                    binding: ModelBinding) -> np.ndarray:
+  """Provider log-probabilities as float32 `[K]`, or ProviderValueError."""
+  who = f"provider `{binding.provider}` ({binding})"
+  try:
+    arr = np.asarray(values, dtype=np.float64)
+  except (TypeError, ValueError) as e:
+    raise ProviderValueError(f"{who} returned option scores that are not numbers: "
+                             f"{values!r}") from e
+  if arr.shape != (len(options),):
+    raise ProviderValueError(f"{who} returned option scores of shape {arr.shape} for "
+                             f"{len(options)} options; expected ({len(options)},).")
+  bad = ~np.isfinite(arr) | (arr > LOGPROB_ROUNDING_TOL)
+  if bad.any():
+    k = int(np.argmax(bad))
+    raise ProviderValueError(
+        f"{who} returned log-probability {float(arr[k])} for option {options[k]!r}: "
+        "a log-probability must be finite and <= 0. This is a provider bug; the "
+        "value is not passed on.")
+  return np.minimum(arr, 0.0).astype(np.float32)
+
+
+def check_embedding(values: Any, dim: int, normalize: bool,
+                    binding: ModelBinding) -> np.ndarray:
+  """A provider embedding as float32 `[dim]` (unit norm if `normalize`)."""
+  who = f"provider `{binding.provider}` ({binding})"
+  try:
+    arr = np.asarray(values, dtype=np.float64)
+  except (TypeError, ValueError) as e:
+    raise ProviderValueError(f"{who} returned an embedding that is not numbers") from e
+  if arr.shape != (dim,):
+    raise ProviderValueError(f"{who} returned an embedding of shape {arr.shape}; its "
+                             f"`embedding_dim` says ({dim},).")
+  if not np.isfinite(arr).all():
+    raise ProviderValueError(f"{who} returned an embedding with NaN or infinite values; "
+                             "it is not passed on.")
+  if normalize:
+    norm = np.linalg.norm(arr)
+    if norm == 0.0:
+      raise ProviderValueError(f"{who} returned a zero embedding, which cannot be "
+                               "L2-normalized; call `embed(..., normalize=False)` to "
+                               "get it as is.")
+    arr = arr / norm
+  return arr.astype(np.float32)
+
+
+def embedding_dim(binding: ModelBinding) -> int:
+  """D of `binding.embed`, from the provider, without calling the model."""
+  provider = base.get_provider(binding.provider)
+  try:
+    dim = provider.embedding_dim(binding)
+  except NotImplementedError as e:
+    raise NotImplementedError(
+        f"`{binding}.embed(...)`: {e}. Bind a model that can embed (e.g. "
+        "\"local:smollm2\", an OpenAI-compatible embeddings model, or \"fake:echo\").") from e
+  if not isinstance(dim, (int, np.integer)) or isinstance(dim, bool) or dim <= 0:
+    raise ProviderValueError(f"provider `{binding.provider}` gave `embedding_dim` "
+                             f"{dim!r} for {binding}; expected a positive int.")
+  return int(dim)
+
+
+def check_can_score(binding: ModelBinding) -> None:
+  """A clear error at trace time if the provider has no `score_options` at all.
+
+  (A provider that can score only on some endpoints raises its own error when
+  called.)
+  """
+  provider = base.get_provider(binding.provider)
+  if type(provider).score_options is base.Provider.score_options:
+    raise NotImplementedError(
+        f"`{binding}.score_options(...)`: provider `{binding.provider}` cannot give "
+        "log-probabilities of options. Use a provider that can (\"local:...\", an "
+        "OpenAI-compatible endpoint serving logprobs, or \"fake:...\" in tests), or "
+        "generate an answer and parse it.")
+
+
+def _prepare_text(x: Any, what: str) -> tuple[jax.Array, int]:
+  text_lib.check_text_array(x, what)
+  x = jnp.asarray(x)
+  return x, x.ndim - 1
+
+
+def score_options(binding: ModelBinding, prompts: jax.typing.ArrayLike,
+                  options: tuple[str, ...]) -> jax.Array:
+  """See `ModelBinding.score_options`."""
+  options = check_options(options)
+  prompts, batch_ndim = _prepare_text(prompts, "prompts")
+  check_can_score(binding)
+  (out,) = bind_host_call(score_options_p, ScoreOptionsOp(binding, options), [prompts],
+                          batch_ndim=batch_ndim, in_batched=[batch_ndim > 0],
+                          source=user_source())
+  return out
+
+
+def embed(binding: ModelBinding, texts: jax.typing.ArrayLike, *,
+          normalize: bool = True) -> jax.Array:
+  """See `ModelBinding.embed`."""
+  if not isinstance(normalize, bool):
+    raise TypeError(f"`normalize` must be True or False; got {normalize!r}.")
+  texts, batch_ndim = _prepare_text(texts, "texts")
+  embedding_dim(binding)  # a clear error now if the model cannot embed
+  (out,) = bind_host_call(embed_p, EmbedOp(binding, normalize), [texts],
+                          batch_ndim=batch_ndim, in_batched=[batch_ndim > 0],
+                          source=user_source())
+  return out
