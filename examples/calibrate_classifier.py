@@ -157,6 +157,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
   parser.add_argument("--limit", type=int, default=None,
                       help="use only this many items per label and split (quick runs)")
   parser.add_argument("--seed", type=int, default=0, help="sampling seed of the answers")
+  parser.add_argument("--template", default=PROMPT,
+                      help="the prompt, with {text} where the review goes")
   args = parser.parse_args(argv)
 
   data = load_dataset(limit=args.limit)
@@ -167,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
 
   scores, answers, seconds = {}, {}, {"score": 0.0, "generate": 0.0}
   for name, split in data.items():
-    prompts = encode_prompts(split.texts)
+    prompts = encode_prompts(split.texts, args.template)
     t0 = time.perf_counter()
     scores[name] = np.concatenate(run_batched(score, prompts, args.batch_size,
                                               f"scoring {name}"))
