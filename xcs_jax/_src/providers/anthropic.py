@@ -53,11 +53,7 @@ class AnthropicProvider(base.Provider):
 
   def validate(self, model, params):
     spec = f"anthropic:{model}"
-    sdk.check_installed("anthropic", _EXTRA)
-    sdk.check_api_key_env(spec, params["api_key_env"])
-    if params["base_url"] is not None and not isinstance(params["base_url"], str):
-      raise ValueError(f"`bind({spec!r}, base_url=...)` must be a URL string or None; "
-                       f"got {params['base_url']!r}.")
+    sdk.check_endpoint(spec, params, "anthropic", _EXTRA)
 
   def is_transient(self, error):
     return False      # the SDK has already retried what was worth retrying

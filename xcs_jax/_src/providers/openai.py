@@ -86,11 +86,7 @@ class OpenAIProvider(base.Provider):
 
   def validate(self, model, params):
     spec = f"openai:{model}"
-    sdk.check_installed("openai", _EXTRA)
-    sdk.check_api_key_env(spec, params["api_key_env"])
-    if params["base_url"] is not None and not isinstance(params["base_url"], str):
-      raise ValueError(f"`bind({spec!r}, base_url=...)` must be a URL string or None; "
-                       f"got {params['base_url']!r}.")
+    sdk.check_endpoint(spec, params, "openai", _EXTRA)
     dim = params["embedding_dim"]
     if dim is not None and not (isinstance(dim, int) and dim > 0):
       raise ValueError(f"`bind({spec!r}, embedding_dim=...)` must be a positive int or "

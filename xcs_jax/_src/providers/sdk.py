@@ -64,6 +64,15 @@ def check_api_key_env(spec: str, api_key_env: str | None) -> None:
         "(e.g. a local server).")
 
 
+def check_endpoint(spec: str, params: dict, module: str, extra: str) -> None:
+  """The bind-time checks every SDK provider shares: SDK, key variable, base_url."""
+  check_installed(module, extra)
+  check_api_key_env(spec, params["api_key_env"])
+  if params["base_url"] is not None and not isinstance(params["base_url"], str):
+    raise ValueError(f"`bind({spec!r}, base_url=...)` must be a URL string or None; "
+                     f"got {params['base_url']!r}.")
+
+
 def read_api_key(spec: str, api_key_env: str | None) -> str:
   """The key in `api_key_env` (a placeholder when None). Never log the result."""
   if api_key_env is None:
