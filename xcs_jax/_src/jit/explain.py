@@ -4,11 +4,13 @@ from __future__ import annotations
 from xcs_jax._src.jit.classify import Kind
 
 
-def describe_node(step) -> str:
-  p = step.eqn.params
-  if step.kind is Kind.HOST:
+def describe_node(node) -> str:
+  """One orchestration node of the graph, as `explain` shows it."""
+  eqn = node.eqns[0]
+  if node.kind is Kind.HOST:
+    p = eqn.params
     return f"{p['op'].kind} {p['op'].describe()} at {p['source']}"
-  return f"{step.eqn.name} (control flow holding host calls)"
+  return f"{eqn.name} (control flow holding host calls)"
 
 
 def render_plan(plan, title: str = "plan") -> str:
@@ -17,13 +19,12 @@ def render_plan(plan, title: str = "plan") -> str:
            f"segment(s), {a.orchestration_ops} orchestration node(s)"]
   eqns = {n.index: n.eqns for n in plan.graph.nodes}
   for node in plan.graph.nodes:
-    step = plan.steps[node.index]
     if node.kind is Kind.TENSOR:
       names = [e.name for e in eqns[node.index]]
       shown = ", ".join(names[:8]) + (f", ... ({len(names)} ops)" if len(names) > 8 else "")
       what = f"tensor segment [{shown}]"
     else:
-      what = describe_node(step)
+      what = describe_node(node)
     deps = ", ".join(f"#{d}" for d in sorted(node.deps)) or "inputs"
     lines.append(f"  #{node.index}: {what}  <- {deps}")
   if a.parallel_groups:

@@ -7,6 +7,7 @@ calls becomes one XLA executable.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 from typing import Any, Callable
@@ -32,8 +33,10 @@ class Step:
   deps: set
   dependents: list = dataclasses.field(default_factory=list)
   run: Any = None        # tensor: jitted callable; control: ControlRunner
-  eqn: Any = None        # host: the host-call eqn
-  batched: bool = False  # host: more than one example (gathers on the coordinator)
+  eqn: Any = None        # host / control: the eqn
+  members: list = dataclasses.field(default_factory=list)  # a fused group's eqns
+  batched: bool = False  # host: several calls (gathers on the coordinator)
+  out_ids: list = dataclasses.field(default_factory=list)  # what `run` returns, in order
 
 
 @dataclasses.dataclass
@@ -76,15 +79,53 @@ def build_plan(closed_jaxpr: Any) -> Plan:
     if whole is None:
       if node.kind is Kind.TENSOR:
         step.run = compile_segment(node.eqns, node.ins, node.outs)
-      elif node.kind is Kind.HOST:
-        step.eqn = node.eqns[0]
-        step.batched = _batch_size(step.eqn, program) > 1
+        step.out_ids = list(node.outs)
       else:
-        eqn = node.eqns[0]
-        step.run = ControlRunner(eqn, [program.avals[o] for o in eqn.outs], build_plan)
-        step.eqn = eqn
+        step.eqn = node.eqns[0]
+        step.out_ids = list(step.eqn.outs)  # host calls return every output
+        if node.kind is Kind.HOST:
+          step.batched = _batch_size(step.eqn, program) > 1
+        else:
+          step.run = ControlRunner(step.eqn, [program.avals[o] for o in step.eqn.outs],
+                                   build_plan)
     steps[node.index] = step
+  if whole is None:
+    steps = fuse_sibling_calls(steps)
   for step in steps.values():
     for d in step.deps:
       steps[d].dependents.append(step.index)
   return Plan(program, graph, analysis, steps, whole)
+
+
+def fuse_sibling_calls(steps: dict) -> dict:
+  """Unbatched calls of one op that have the same dependencies become one step.
+
+  They become ready at the same moment anyway; as one step they are handed
+  to the pool and reported back once, which is most of a call's scheduling
+  cost when calls are many and quick. The step still makes each call on its
+  own (concurrently, with its own source line in errors). The analysis and
+  `explain` keep showing every call.
+  """
+  groups = collections.defaultdict(list)
+  for step in steps.values():
+    if (step.kind is Kind.HOST and step.eqn.params["batch_ndim"] == 0
+        and all(isinstance(r, int) for r in step.eqn.ins)):
+      groups[(step.eqn.params["op"], frozenset(step.deps))].append(step)
+  renamed = {}
+  next_index = max(steps, default=-1) + 1
+  for members in groups.values():
+    if len(members) < 2:
+      continue
+    fused = Step(next_index, Kind.HOST, sorted({r for m in members for r in m.ins}),
+                 [o for m in members for o in m.outs], set(members[0].deps),
+                 members=[m.eqn for m in members], batched=True,
+                 out_ids=[o for m in members for o in m.out_ids])
+    for m in members:
+      del steps[m.index]
+      renamed[m.index] = next_index
+    steps[next_index] = fused
+    next_index += 1
+  if renamed:
+    for step in steps.values():
+      step.deps = {renamed.get(d, d) for d in step.deps}
+  return steps

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xcs_jax._src.errors import XCSCancelledError
-from xcs_jax._src.executor import CallContext, coordinator_pool
+from xcs_jax._src.executor import CallContext, coordinator_pool, map_concurrent
 from xcs_jax._src.jit.classify import Kind
 from xcs_jax._src.jit.ir import read
 from xcs_jax._src.primitives import run_host_call
@@ -47,6 +47,24 @@ def _run_host_step(step, values, ctx, limit):
   outs = run_host_call(p["op"], p["batch_ndim"], p["in_batched"], p["source"], *values,
                        ctx=ctx)
   return outs, time.perf_counter() - start
+
+
+def _run_call_group(step, values, ctx, limit):
+  """A fused group: each member's call, concurrently on the op's pool."""
+  op = step.members[0].params["op"]
+
+  def one(i):
+    p = step.members[i].params
+    start = time.perf_counter()
+    if limit is not None:
+      with limit:
+        outs = run_host_call(op, 0, p["in_batched"], p["source"], *values[i], ctx=ctx)
+    else:
+      outs = run_host_call(op, 0, p["in_batched"], p["source"], *values[i], ctx=ctx)
+    return outs, time.perf_counter() - start
+
+  results = map_concurrent(one, len(step.members), pool=op.pool(), ctx=ctx)
+  return [o for outs, _ in results for o in outs], sum(t for _, t in results)
 
 
 def _run_control_step(step, values, ctx, limit, record):
@@ -106,7 +124,9 @@ def run_plan(plan, args: list, *, ctx: CallContext | None = None,
           return
         step, values = lane.queue.popleft()
       try:
-        if step.kind is Kind.HOST:
+        if step.members:
+          result = _run_call_group(step, values, ctx, limit)
+        elif step.kind is Kind.HOST:
           result = _run_host_step(step, values, ctx, limit)
         else:
           result = _run_control_step(step, values, ctx, limit, record)
@@ -117,7 +137,10 @@ def run_plan(plan, args: list, *, ctx: CallContext | None = None,
         has_reports.set()
 
   def enqueue(step):
-    values = [read(r, env) for r in step.eqn.ins]  # in eqn order, literals too
+    if step.members:
+      values = [[read(r, env) for r in m.ins] for m in step.members]
+    else:
+      values = [read(r, env) for r in step.eqn.ins]  # in eqn order, literals too
     if step.kind is Kind.HOST and not step.batched:
       pool = step.eqn.params["op"].pool()
     else:  # waits on other work: never hold a provider slot
@@ -140,9 +163,7 @@ def run_plan(plan, args: list, *, ctx: CallContext | None = None,
       lane.pool.submit(work, lane)
 
   def finish(step, outs):
-    # A segment returns only `step.outs` (the outputs others read); a host call
-    # or control node returns every output of its eqn, dropped ones included.
-    env.update(zip(step.outs if step.kind is Kind.TENSOR else step.eqn.outs, outs))
+    env.update(zip(step.out_ids, outs))
     for d in step.dependents:
       waiting[d] -= 1
       if waiting[d] == 0:
