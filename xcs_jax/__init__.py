@@ -1,5 +1,7 @@
 """xcs_jax: LLM and model calls as first-class JAX primitives."""
+from xcs_jax import grad
 from xcs_jax import models
+from xcs_jax import optim
 from xcs_jax import patterns
 from xcs_jax import text
 from xcs_jax._src.errors import XCSCancelledError
@@ -35,10 +37,12 @@ __all__ = [
     "XCSExecutionError",
     "XCSTimeoutError",
     "explain",
+    "grad",
     "get_jit_stats",
     "host_op",
     "jit",
     "models",
+    "optim",
     "patterns",
     "reset_usage",
     "text",

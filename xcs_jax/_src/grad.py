@@ -11,6 +11,7 @@ estimator wraps the call site):
   balances truncation (`O(h^2)`) against rounding (`O(eps / h)`).
 - `spsa(n=16, step=None, seed=0)`: simultaneous perturbation: `n` random
   Rademacher (+-1) directions, two evaluations each, whatever the input size.
+  Every element moves by `+-c`, one `c = step * max(rms(x), 1)` for all.
   Unbiased to first order; for a smooth function of `d` inputs the expected
   cosine similarity to the true gradient is about `(1 + (d - 1) / n) ** -0.5`
   (so `n >= 4.3 (d - 1)` for 0.9). Directions come from
@@ -110,8 +111,10 @@ def spsa(n: int = DEFAULT_SPSA_SAMPLES, *, step: float | None = None,
     n: directions per gradient evaluation (2 host evaluations each, batched
       into one call). The estimate's expected cosine similarity to the true
       gradient of `d` inputs is about `(1 + (d - 1) / n) ** -0.5`.
-    step: relative perturbation size, as in `central`; for noisy or quantized
-      host functions pick one large enough that the output changes.
+    step: relative perturbation size: every input element moves by
+      `+-step * max(rms(x), 1)` (default `eps ** (1/3)` of the dtype). For
+      noisy or quantized host functions pick one large enough that the
+      output changes.
     seed: base of the PRNG key; per call the directions use
       `fold_in(key(seed), hash(inputs))`.
 
@@ -213,12 +216,14 @@ def _perturbation_jvp(est, site, xs, ts, moving):
   d = sum(sizes)
   offsets = np.cumsum([0] + sizes)
   step = est.step if est.step is not None else float(jnp.finfo(dtype).eps) ** (1 / 3)
-  scale = jnp.concatenate([
-      step * jnp.maximum(jnp.abs(xs[i].ravel()), 1).astype(dtype) for i in moving])
+  theta = jnp.concatenate([xs[i].ravel().astype(dtype) for i in moving])
   if isinstance(est, Central):
-    directions = jnp.diag(scale)                                   # [d, d]
+    directions = jnp.diag(step * jnp.maximum(jnp.abs(theta), 1))  # [d, d]
     norm = 1.0
   else:
+    # One scale for every element: unequal scales would leak each element's
+    # slope into the others' estimates (noise grows with the scale ratio).
+    scale = step * jnp.maximum(jnp.sqrt(jnp.mean(jnp.square(theta))), 1)
     signs = jax.random.rademacher(_directions_key(est.seed, xs), (est.n, d), dtype)
     directions = signs * scale                                     # [n, d]
     norm = float(est.n)

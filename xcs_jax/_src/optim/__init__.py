@@ -1,0 +1,1 @@
+"""Optimization on top of optax: steps, data, loops, checkpoints, REINFORCE."""
