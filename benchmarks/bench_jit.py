@@ -19,8 +19,8 @@
     `vmap` and as 1,000 call sites, beside a `ThreadPoolExecutor(256).map` of
     the same host function. Bars: <= 50 us per call and <= 1.5 x the pool.
 (d) A tensor-only function (a 3-layer MLP): `xcs_jax.jit` per-call time over
-    `jax.jit`'s (each call blocked on; the fastest of 9 interleaved blocks of
-    300 calls each). Bar: <= 1.2.
+    `jax.jit`'s (each call blocked on; the fastest of 31 interleaved blocks of
+    200 calls each). Bar: <= 1.2.
 (e) First call (trace, passes, compile, run) of a hybrid function (encoder ->
     zero-latency model call -> decoder), with a fresh function for every
     measurement so no cache is warm, over `jax.jit`'s first call of the same
@@ -257,7 +257,7 @@ def bench_overhead(repeats: int) -> list[dict]:
 
 # --- (d) tensor-only -----------------------------------------------------------------------
 
-def bench_tensor_only(repeats: int, calls: int = 300, blocks: int = 9) -> dict:
+def bench_tensor_only(repeats: int, calls: int = 200, blocks: int = 31) -> dict:
   k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
   w1 = jax.random.normal(k1, (64, 128)) / 8
   w2 = jax.random.normal(k2, (128, 128)) / 11
@@ -329,7 +329,7 @@ def render(res: dict, env: dict) -> str:
   lines = [
       f"jax {env['jax']}, Python {env['python']}, {env['cpus']} CPUs ({env['machine']}); "
       f"latency runs: best of {env['repeats']} after a warm-up (plain jax.jit of "
-      f"call sites: 1 run); (c): median of {max(env['repeats'], 5)}; (d): fastest of 9 interleaved blocks; "
+      f"call sites: 1 run); (c): median of {max(env['repeats'], 5)}; (d): fastest of 31 interleaved blocks; "
       f"(e): median of {env['repeats']} fresh functions.",
       "",
       f"(a) Fan-out of N `fake:echo` calls of {LATENCY_S * 1e3:.0f} ms. "
