@@ -23,11 +23,9 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
-import datetime
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -36,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import environment
 import xcs_jax
 from xcs_jax import models, text
 
@@ -174,11 +173,7 @@ def main(argv=None) -> int:
                                                     "foundation.json"))
   args = parser.parse_args(argv)
 
-  env = dict(jax=jax.__version__, python=platform.python_version(), cpus=os.cpu_count(),
-             machine=platform.machine(), repeats=args.repeats,
-             date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-             command="python benchmarks/bench_foundation.py " + " ".join(
-                 sys.argv[1:] if argv is None else argv))
+  env = environment.describe("bench_foundation.py", argv, repeats=args.repeats)
   latency = bench_latency(args.repeats, args.full_baseline)
   overhead = bench_overhead(args.repeats)
   table = render(latency, overhead, env)

@@ -38,11 +38,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures as cf
-import datetime
 import functools
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -51,6 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import environment
 import xcs_jax
 from xcs_jax import models, text
 
@@ -399,11 +398,7 @@ def main(argv=None) -> int:
   parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                     "jit.json"))
   args = parser.parse_args(argv)
-  env = dict(jax=jax.__version__, python=platform.python_version(), cpus=os.cpu_count(),
-             machine=platform.machine(), repeats=args.repeats,
-             date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-             command="python benchmarks/bench_jit.py " + " ".join(
-                 sys.argv[1:] if argv is None else argv))
+  env = environment.describe("bench_jit.py", argv, repeats=args.repeats)
   start = time.perf_counter()
   res = dict(first_call=bench_first_call(args.repeats),  # first: nothing warm yet
              fanout=bench_fanout(args.repeats, args.full_baseline),

@@ -27,17 +27,16 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
-import platform
 import sys
 import time
 
 import jax
 import numpy as np
 
+import environment
 import xcs_jax
 from xcs_jax import models, text
 
@@ -165,12 +164,7 @@ def main(argv=None) -> int:
   parser.add_argument("--skip-local", action="store_true", help="only (b)")
   parser.add_argument("--out", default=os.path.join(HERE, "results", "numeric.json"))
   args = parser.parse_args(argv)
-  env = dict(jax=jax.__version__, python=platform.python_version(), cpus=os.cpu_count(),
-             machine=platform.machine(), repeats=args.repeats,
-             date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-             load_before=os.getloadavg()[0],
-             command="python benchmarks/bench_numeric.py " + " ".join(
-                 sys.argv[1:] if argv is None else argv))
+  env = environment.describe("bench_numeric.py", argv, repeats=args.repeats)
   local, diff = ([], 0.0) if args.skip_local else bench_local(args.n)
   env["load_after"] = os.getloadavg()[0]
   fake = bench_fake(args.repeats)
