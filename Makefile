@@ -20,7 +20,7 @@ PYTHON312 ?= $(shell for p in python3.12 $$HOME/.pyenv/versions/3.12*/bin/python
 	  $$p -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null && { echo $$p; break; }; done)
 VENV312 := .venv-jax012
 
-.PHONY: demo test test-fast test-jax012 bench clean
+.PHONY: demo test test-fast test-jax012 bench clean print-python312
 
 $(WHEELHOUSE)/.built:
 	mkdir -p $(WHEELHOUSE)
@@ -56,6 +56,9 @@ $(VENV312)/.installed: pyproject.toml
 test-jax012: $(VENV312)/.installed
 	$(VENV312)/bin/python -c 'import jax; print("jax", jax.__version__)'
 	$(VENV312)/bin/python -m pytest -q tests -m "not local_model and not server"
+
+print-python312:
+	@echo $(PYTHON312)
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/run_all.py
