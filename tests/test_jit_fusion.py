@@ -1,8 +1,8 @@
-"""Sibling calls of one op with the same inputs ready are fused into one step.
+"""Sibling call sites of one op that start together run as one batched call.
 
-The fusion is an execution detail: every call is still made on its own,
-concurrently, with its own source line in errors; analysis and explain still
-show each call.
+`batch_sibling_calls` is an execution detail: every call is still made on
+its own, concurrently, with its own source line in errors; analysis and
+explain still show each call site; under `max_concurrency` it is not applied.
 """
 from __future__ import annotations
 
@@ -30,7 +30,16 @@ def _host_steps(jf, *args):
   return [s for s in plan.steps.values() if s.kind is Kind.HOST]
 
 
-def test_siblings_of_one_op_become_one_step_and_run_concurrently():
+def _batch_sizes(jf, *args):
+  """Examples per host step of the plan (1 for a call site run on its own)."""
+  sizes = []
+  for s in _host_steps(jf, *args):
+    p = s.eqn.params
+    sizes.append(len(p["source"]) if isinstance(p["source"], tuple) else 1)
+  return sorted(sizes)
+
+
+def test_siblings_of_one_op_become_one_batched_call_and_run_concurrently():
   rec = Recorder(parties=N)  # every call waits until all N are in flight
   op = rec.op("sib", fn=lambda x: 2 * x)
   f = _siblings(op)
@@ -38,14 +47,13 @@ def test_siblings_of_one_op_become_one_step_and_run_concurrently():
   xs = jnp.arange(float(N))
   np.testing.assert_array_equal(jf(xs), 2 * np.arange(float(N)))
   assert rec.peak == N
-  (step,) = _host_steps(jf, xs)
-  assert len(step.members) == N
+  assert _batch_sizes(jf, xs) == [N]
   stats = xcs_jax.get_jit_stats(jf)
   assert stats["orchestration_ops"] == N and stats["max_parallelism"] == N
   assert xcs_jax.explain(jf, xs).count("host_op sib at") == N
 
 
-def test_calls_with_other_inputs_ready_are_not_fused():
+def test_calls_that_start_at_other_times_are_not_batched():
   rec = Recorder()
   op = rec.op("chain")
 
@@ -55,8 +63,8 @@ def test_calls_with_other_inputs_ready_are_not_fused():
 
   jf = xcs_jax.jit(f)
   assert float(jf(1.0)) == float(jax.jit(f)(1.0))
-  sizes = sorted(len(s.members) for s in _host_steps(jf, 1.0))
-  assert sizes == [0, 0, 2]  # op(x * 2) and op(x * 3) fused; op(x) and op(a) alone
+  # op(x), op(x * 2) and op(x * 3) wait on no call: batched; op(a) waits on op(x).
+  assert _batch_sizes(jf, 1.0) == [1, 3]
 
 
 def test_a_failing_member_names_its_own_line():
@@ -86,10 +94,41 @@ def test_a_failing_member_names_its_own_line():
 
 
 @pytest.mark.parametrize("limit", [1, 3])
-def test_max_concurrency_holds_inside_a_fused_step(limit):
+def test_max_concurrency_keeps_call_sites_apart(limit):
   rec = Recorder()
   op = rec.op("limited", 0.01)
   jf = xcs_jax.jit(_siblings(op), max_concurrency=limit)
   xs = jnp.arange(float(N))
   np.testing.assert_array_equal(jf(xs), np.arange(float(N)) + 1)
   assert rec.peak == limit
+  assert _batch_sizes(jf, xs) == [1] * N
+
+
+def test_other_shapes_or_ops_are_not_batched_together():
+  def plus_one(x):
+    return np.asarray(x + 1, np.float32)
+
+  same = lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32)  # noqa: E731
+  a = xcs_jax.host_op(plus_one, out_spec=same, name="a")
+  b = xcs_jax.host_op(plus_one, out_spec=same, name="b")
+
+  def f(x, v):
+    return a(x) + a(x * 2) + b(x) + a(v).sum() + a(v * 3).sum()
+
+  jf = xcs_jax.jit(f)
+  x, v = jnp.float32(1.0), jnp.ones(3, jnp.float32)
+  assert float(jf(x, v)) == float(jax.jit(f)(x, v))
+  assert _batch_sizes(jf, x, v) == [1, 2, 2]  # b alone; a on scalars; a on vectors
+
+
+def test_unused_sibling_is_still_never_called():
+  rec = Recorder()
+  op = rec.op("maybe")
+
+  def f(x):
+    used, _unused = op(x), op(x * 5)
+    return used + op(x * 2)
+
+  out = float(xcs_jax.jit(f)(1.0))
+  assert sorted(v for _, v in rec.args) == [1.0, 2.0]  # op(x * 5) never made
+  assert out == float(jax.jit(f)(1.0))

@@ -81,6 +81,8 @@ class HostCallOp:
     """Runs `n` examples concurrently; batched inputs have a leading axis `n`."""
     def one(i):
       example = [x[i] if b else x for x, b in zip(inputs, in_batched)]
+      if isinstance(source, tuple):  # call sites batched by xcs_jax.jit: their own lines
+        return self.run_single(ctx, example, source[i])
       return self.run_single(ctx, example, source, index=i if n > 1 else None)
     results = map_concurrent(one, n, pool=self.pool(), ctx=ctx)
     return [np.stack([r[k] for r in results]) for k in range(len(results[0]))]

@@ -182,7 +182,9 @@ class JitFunction:
             "Use lax.cond / lax.switch / host_op to keep it traceable.",
             RuntimeWarning, stacklevel=4)
       return _Entry(None, _FALLBACK)
-    return _Entry(build_plan(closed), out_tree_box[0], objects)
+    # Under max_concurrency a batched call would count as one call: keep call sites apart.
+    plan = build_plan(closed, batch_calls=self.max_concurrency is None)
+    return _Entry(plan, out_tree_box[0], objects)
 
   def _entry(self, args, kwargs):
     static, objects, leaves, tree = self._split(args, kwargs)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xcs_jax._src.errors import XCSCancelledError
-from xcs_jax._src.executor import CallContext, coordinator_pool, map_concurrent
+from xcs_jax._src.executor import CallContext, coordinator_pool
 from xcs_jax._src.jit.classify import Kind
 from xcs_jax._src.jit.ir import read
 from xcs_jax._src.primitives import run_host_call
@@ -47,24 +47,6 @@ def _run_host_step(step, values, ctx, limit):
   outs = run_host_call(p["op"], p["batch_ndim"], p["in_batched"], p["source"], *values,
                        ctx=ctx)
   return outs, time.perf_counter() - start
-
-
-def _run_call_group(step, values, ctx, limit):
-  """A fused group: each member's call, concurrently on the op's pool."""
-  op = step.members[0].params["op"]
-
-  def one(i):
-    p = step.members[i].params
-    start = time.perf_counter()
-    if limit is not None:
-      with limit:
-        outs = run_host_call(op, 0, p["in_batched"], p["source"], *values[i], ctx=ctx)
-    else:
-      outs = run_host_call(op, 0, p["in_batched"], p["source"], *values[i], ctx=ctx)
-    return outs, time.perf_counter() - start
-
-  results = map_concurrent(one, len(step.members), pool=op.pool(), ctx=ctx)
-  return [o for outs, _ in results for o in outs], sum(t for _, t in results)
 
 
 def _run_control_step(step, values, ctx, limit, record):
@@ -124,9 +106,7 @@ def run_plan(plan, args: list, *, ctx: CallContext | None = None,
           return
         step, values = lane.queue.popleft()
       try:
-        if step.members:
-          result = _run_call_group(step, values, ctx, limit)
-        elif step.kind is Kind.HOST:
+        if step.kind is Kind.HOST:
           result = _run_host_step(step, values, ctx, limit)
         else:
           result = _run_control_step(step, values, ctx, limit, record)
@@ -137,10 +117,7 @@ def run_plan(plan, args: list, *, ctx: CallContext | None = None,
         has_reports.set()
 
   def enqueue(step):
-    if step.members:
-      values = [[read(r, env) for r in m.ins] for m in step.members]
-    else:
-      values = [read(r, env) for r in step.eqn.ins]  # in eqn order, literals too
+    values = [read(r, env) for r in step.eqn.ins]  # in eqn order, literals too
     if step.kind is Kind.HOST and not step.batched:
       pool = step.eqn.params["op"].pool()
     else:  # waits on other work: never hold a provider slot
