@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import types
 import hashlib
 from typing import Any, Mapping
 
@@ -37,15 +39,20 @@ class ModelBinding:
   model: str
   params: tuple[tuple[str, Any], ...]
 
-  def get(self, name: str) -> Any:
-    for k, v in self.params:
-      if k == name:
-        return v
-    raise KeyError(f"binding {self} has no parameter {name!r}")
+  @functools.cached_property
+  def _by_name(self) -> Mapping[str, Any]:
+    return types.MappingProxyType(dict(self.params))
 
   @property
   def options(self) -> dict[str, Any]:
-    return dict(self.params)
+    """Every parameter by name (a copy)."""
+    return dict(self._by_name)
+
+  def get(self, name: str) -> Any:
+    try:
+      return self._by_name[name]
+    except KeyError:
+      raise KeyError(f"binding {self} has no parameter {name!r}") from None
 
   def replace(self, **params) -> "ModelBinding":
     """A copy with some parameters changed (validated like `bind`)."""

@@ -88,7 +88,10 @@ class FakeProvider(base.Provider):
     p = binding.options
     if p["fail_on"] is not None and p["fail_on"] in prompt:
       raise FakeProviderError(f"injected failure: prompt contains {p['fail_on']!r}")
-    ctx.sleep(float(p["latency_s"]), deadline=deadline, timeout_s=p["timeout_s"])
+    if p["latency_s"]:
+      ctx.sleep(float(p["latency_s"]), deadline=deadline, timeout_s=p["timeout_s"])
+    else:
+      ctx.check()
     if p["transient_failures"]:
       key = (binding, prompt, request)
       with self._lock:
