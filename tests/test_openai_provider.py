@@ -130,9 +130,13 @@ def test_score_options_without_template_is_a_clear_error(server_url):
 
 @pytest.mark.server
 def test_embed_through_the_embeddings_endpoint(server_url):
-  m = bind("openai:smollm2-embed", base_url=server_url, api_key_env=None)
+  m = bind("openai:smollm2-embed", base_url=server_url, api_key_env=None,
+           embedding_dim=576)
   provider = _provider()
-  assert provider.embedding_dim(m) == 576            # one probe request, cached
+  assert provider.embedding_dim(m) == 576
+  unsized = bind("openai:smollm2-embed", base_url=server_url, api_key_env=None)
+  with pytest.raises(ValueError, match="embedding_dim"):  # never a call at trace time
+    jax.make_jaxpr(unsized.embed)(text.encode(["x"], 8))
   texts = ["a cat sat on the mat", "a kitten sat on the rug", "quarterly tax filing deadline"]
   vectors = np.stack([provider.embed(m, t, CallContext(), None) for t in texts])
   assert vectors.shape == (3, 576)

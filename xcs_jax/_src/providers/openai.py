@@ -10,9 +10,9 @@ Parameters (beside the common ones):
   holding the key, read when the client is made; the key itself is never
   stored in the binding, its repr, errors or logs. None: an endpoint without
   authentication (a placeholder key is sent).
-- ``embedding_dim`` (None): the width of `embed`'s vectors, needed at trace
-  time. None asks the endpoint once (one embedding request, cached per
-  endpoint and model) the first time it is needed.
+- ``embedding_dim`` (None): the width of `embed`'s vectors. `embed` needs it
+  when JAX traces, and abstract evaluation never calls the endpoint, so
+  `embed` on a binding without it is a clear error.
 - ``score_template`` (None): how the served model lays out a chat, as text
   with ``{system}``, ``{prompt}`` and ``{reply}`` fields (e.g. `CHATML`),
   for `score_options`; see there.
@@ -42,11 +42,9 @@ separated and is an error.
 """
 from __future__ import annotations
 
-import time
 
 import numpy as np
 
-from xcs_jax._src.executor import CallContext
 from xcs_jax._src.providers import base
 from xcs_jax._src.providers import sdk
 
@@ -82,7 +80,6 @@ class OpenAIProvider(base.Provider):
   def __init__(self):
     self._clients = sdk.ClientCache(
         "openai", lambda **kw: sdk.import_sdk("openai", _EXTRA).OpenAI(**kw))
-    self._dims: dict[tuple, int] = {}
 
   def validate(self, model, params):
     spec = f"openai:{model}"
@@ -156,7 +153,7 @@ class OpenAIProvider(base.Provider):
             model=binding.model, input=text, timeout=timeout),
         "embedding")
     vector = np.asarray(response.data[0].embedding, dtype=np.float32)
-    expected = binding.get("embedding_dim") or self._dims.get(self._dim_key(binding))
+    expected = binding.get("embedding_dim")
     if vector.ndim != 1 or not np.isfinite(vector).all() or (
         expected is not None and vector.shape[0] != expected):
       raise ValueError(
@@ -166,19 +163,15 @@ class OpenAIProvider(base.Provider):
     return vector
 
   def embedding_dim(self, binding) -> int:
-    if binding.get("embedding_dim") is not None:
-      return int(binding.get("embedding_dim"))
-    key = self._dim_key(binding)
-    if key not in self._dims:
-      timeout_s = binding.get("timeout_s")
-      deadline = None if timeout_s is None else time.monotonic() + float(timeout_s)
-      vector = self.embed(binding, "embedding width probe", CallContext(), deadline)
-      self._dims[key] = int(vector.shape[0])
-    return self._dims[key]
-
-  @staticmethod
-  def _dim_key(binding) -> tuple:
-    return (binding.get("base_url"), binding.model)
+    # Asked while JAX traces: abstract evaluation never calls the endpoint,
+    # so the width must come with the binding.
+    if binding.get("embedding_dim") is None:
+      raise ValueError(
+          f"`{binding}.embed(...)` needs the width of the endpoint's vectors when JAX "
+          f"traces, without calling it: bind with `embedding_dim=D` (e.g. "
+          f"bind(\"openai:{binding.model}\", ..., embedding_dim=1536) for "
+          "text-embedding-3-small).")
+    return int(binding.get("embedding_dim"))
 
 
 def _layout(template: str, prompt: str, system_prompt: str | None,
