@@ -6,6 +6,9 @@ explain still show each call site; under `max_concurrency` it is not applied.
 """
 from __future__ import annotations
 
+import threading
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,12 +62,13 @@ def test_calls_that_start_at_other_times_are_not_batched():
 
   def f(x):
     a = op(x)
-    return op(a) + op(x * 2) + op(x * 3)  # op(a) waits on a; the other two do not
+    # op(a) waits on op(x); op(x * 2) and op(x * 3) start together and are
+    # read together (by the stack); op(x) is read by op(a) alone.
+    return op(a) + jnp.stack([op(x * 2), op(x * 3)]).sum()
 
   jf = xcs_jax.jit(f)
   assert float(jf(1.0)) == float(jax.jit(f)(1.0))
-  # op(x), op(x * 2) and op(x * 3) wait on no call: batched; op(a) waits on op(x).
-  assert _batch_sizes(jf, 1.0) == [1, 3]
+  assert _batch_sizes(jf, 1.0) == [1, 1, 2]
 
 
 def test_a_failing_member_names_its_own_line():
@@ -113,7 +117,8 @@ def test_other_shapes_or_ops_are_not_batched_together():
   b = xcs_jax.host_op(plus_one, out_spec=same, name="b")
 
   def f(x, v):
-    return a(x) + a(x * 2) + b(x) + a(v).sum() + a(v * 3).sum()
+    return (jnp.stack([a(x), a(x * 2), b(x)]).sum()
+            + jnp.stack([a(v), a(v * 3)]).sum())
 
   jf = xcs_jax.jit(f)
   x, v = jnp.float32(1.0), jnp.ones(3, jnp.float32)
@@ -132,3 +137,33 @@ def test_unused_sibling_is_still_never_called():
   out = float(xcs_jax.jit(f)(1.0))
   assert sorted(v for _, v in rec.args) == [1.0, 2.0]  # op(x * 5) never made
   assert out == float(jax.jit(f)(1.0))
+
+
+def test_a_fast_sibling_s_downstream_does_not_wait_for_a_slow_one():
+  # Same op, same ancestors, but different readers: not batched, so post()
+  # starts as soon as the fast call returns (latency depends on the input).
+  rec = Recorder()
+  done_fast = threading.Event()
+
+  def step(x):
+    time.sleep(0.05 if float(x) < 1 else 0.0)
+    if float(x) >= 1:
+      assert done_fast.wait(5.0), "post() never started while the slow call ran"
+    return np.float32(x)
+
+  def post(y):
+    done_fast.set()
+    return np.float32(y)
+
+  f32 = jax.ShapeDtypeStruct((), jnp.float32)
+  step_op = xcs_jax.host_op(step, out_spec=f32, name="step")
+  post_op = xcs_jax.host_op(post, out_spec=f32, name="post")
+  del rec
+
+  def f(a, b):
+    return post_op(step_op(a)), step_op(b)
+
+  jf = xcs_jax.jit(f)
+  out = jf(0.5, 2.0)
+  assert [float(o) for o in out] == [0.5, 2.0]
+  assert _batch_sizes(jf, 0.5, 2.0) == [1, 1, 1]

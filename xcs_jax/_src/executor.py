@@ -24,6 +24,8 @@ from xcs_jax._src.errors import XCSCancelledError, XCSTimeoutError
 T = TypeVar("T")
 
 _COORDINATOR_WORKERS = 1024
+CANCEL_GRACE_S = 10.0
+"""After a failure, how long running siblings may take to notice cancellation."""
 
 
 class Pool(cf.ThreadPoolExecutor):
@@ -98,19 +100,27 @@ def wait_all(futures: Sequence[cf.Future], ctx: CallContext) -> list:
   """Results of `futures`, failing fast.
 
   On the first exception: cancel the context and the futures not yet started,
-  wait for the running ones to end, and raise the first real error (a
-  sibling's `XCSCancelledError` only when nothing else failed).
+  wait (at most `CANCEL_GRACE_S`) for the running ones to end, and raise the
+  first real error (a sibling's `XCSCancelledError` only when nothing else
+  failed).
   """
-  _, pending = cf.wait(futures, return_when=cf.FIRST_EXCEPTION)
+  try:
+    _, pending = cf.wait(futures, return_when=cf.FIRST_EXCEPTION)
+  except BaseException:  # KeyboardInterrupt: stop the siblings, then leave
+    ctx.cancel()
+    for f in futures:
+      f.cancel()
+    raise
   if pending:
     ctx.cancel()
     for f in pending:
       f.cancel()
-    cf.wait(pending)
+    # Cooperative calls stop at once; do not wait forever for one that does not.
+    cf.wait(pending, timeout=CANCEL_GRACE_S)
   if any(f.cancelled() for f in futures):
     ctx.cancel()
-  errors = [f.exception() for f in futures
-            if not f.cancelled() and f.exception() is not None]
+  errors = [f.exception() for f in futures  # a call past the grace period is left
+            if f.done() and not f.cancelled() and f.exception() is not None]
   real = [e for e in errors if not isinstance(e, XCSCancelledError)]
   if real or errors:
     raise (real or errors)[0]

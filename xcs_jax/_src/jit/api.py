@@ -51,18 +51,15 @@ def _hashable_static(value: Any, where: str) -> Any:
 
 
 class _Entry:
-  __slots__ = ("plan", "out_tree", "objects")
+  __slots__ = ("plan", "out_tree", "objects", "direct")
 
   def __init__(self, plan: Plan | None, out_tree: Any, objects: tuple = ()):
     self.plan, self.out_tree, self.objects = plan, out_tree, objects
+    self.direct = False  # jax.jit(fun) itself can run this signature
 
 
 class _HostCallsFound(Exception):
   """Stops a jax.jit trace on the fast path: this signature makes host calls."""
-
-
-def _has_objects(entry: _Entry) -> bool:
-  return bool(entry.objects)
 
 
 def _is_array_like(x: Any) -> bool:
@@ -171,7 +168,8 @@ class JitFunction:
   def _build(self, static, objects, leaves, tree, n_args) -> _Entry:
     flat, out_tree_box = self._flat_fun(static, objects, tree, n_args)
     try:
-      closed = jax.make_jaxpr(flat)(*leaves)
+      with watch_host_calls() as binds:
+        closed = jax.make_jaxpr(flat)(*leaves)
     except _UNTRACEABLE as e:
       if not self._warned_fallback:
         self._warned_fallback = True
@@ -184,7 +182,11 @@ class JitFunction:
       return _Entry(None, _FALLBACK)
     # Under max_concurrency a batched call would count as one call: keep call sites apart.
     plan = build_plan(closed, batch_calls=self.max_concurrency is None)
-    return _Entry(plan, out_tree_box[0], objects)
+    entry = _Entry(plan, out_tree_box[0], objects)
+    # A call site whose output is unused is dropped from the plan, yet jax.jit's
+    # own trace would still bind it: such a function never takes the fast path.
+    entry.direct = plan.whole is not None and not objects and not binds[0]
+    return entry
 
   def _entry(self, args, kwargs):
     static, objects, leaves, tree = self._split(args, kwargs)
@@ -216,9 +218,7 @@ class JitFunction:
         elif self._stats["status"] == "cold":
           self._stats["status"] = "compiled"
         self._last_plan = entry.plan
-        self._tensor_only = not objects and all(
-            e.plan is not None and e.plan.analysis.execution_strategy == "tensor"
-            for e in self._cache.values())
+        self._tensor_only = all(e.direct for e in self._cache.values())
     finally:
       with self._lock:
         del self._building[key]
@@ -247,7 +247,7 @@ class JitFunction:
       out = self.fun(*args, **kwargs)
       self._record(start, None, None)
       return out
-    if entry.plan.whole is not None and not _has_objects(entry):  # one XLA executable
+    if entry.direct:  # no host calls at all: one XLA executable, jax.jit's own
       out = self._jax_jit(*args, **kwargs)
       self._record(start, None, entry.plan)
       return out

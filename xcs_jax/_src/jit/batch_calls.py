@@ -1,8 +1,13 @@
-"""Pass 3b, batch sibling calls: call sites that would start together become one
-batched call, as if the user had written `vmap`.
+"""Pass 3b, batch sibling calls: call sites that would start together, and whose
+results are waited for together, become one batched call, as if the user had
+written `vmap`.
 
 Unbatched calls of the same op with the same input shapes and the same set
-of host-call ancestors become ready at (almost) the same moment. Rewritten as
+of host-call ancestors become ready at (almost) the same moment; when their
+outputs are also read by the same equations (all of them feed one `stack`,
+say), nothing downstream could start before the slowest of them anyway.
+Only then are they batched, so a fast call's own downstream work never
+waits on a slow sibling. Rewritten as
 stack -> one batched host call -> unstack, they run exactly as a `vmap` of the
 op does: one node, fanned out on the op's pool, while the many small
 per-call values never pass through the scheduler one by one. Each item keeps
@@ -61,6 +66,19 @@ def _ancestor_keys(eqns: list) -> dict:
   return keys
 
 
+def _readers(eqns: list, prog: Program) -> dict:
+  """ref -> the eqn indices reading it (-1: a program output)."""
+  readers = collections.defaultdict(set)
+  for i, eqn in enumerate(eqns):
+    for r in eqn.ins:
+      if isinstance(r, int):
+        readers[r].add(i)
+  for r in prog.outvars:
+    if isinstance(r, int):
+      readers[r].add(-1)
+  return readers
+
+
 def _is_call(eqn: Eqn) -> bool:
   return eqn.primitive in HOST_PRIMITIVES
 
@@ -75,12 +93,14 @@ def _batchable(eqn: Eqn) -> bool:
 def batch_sibling_calls(prog: Program) -> Program:
   eqns = live_eqns(prog)
   keys = _ancestor_keys(eqns)
+  readers = _readers(eqns, prog)
   groups = collections.defaultdict(list)
   for i, eqn in enumerate(eqns):
     if _batchable(eqn):
       signature = tuple((tuple(prog.avals[r].shape), str(prog.avals[r].dtype))
                         for r in eqn.ins)
-      groups[(eqn.params["op"], signature, keys[i])].append(i)
+      waited_by = frozenset().union(*(readers[o] for o in eqn.outs))
+      groups[(eqn.params["op"], signature, keys[i], waited_by)].append(i)
   groups = [g for g in groups.values() if len(g) > 1]
   if not groups:
     return prog

@@ -52,10 +52,19 @@ class ControlRunner:
   def _run_while(self, args, ctx, run_plan):
     nc, nb = self.params["cond_nconsts"], self.params["body_nconsts"]
     cond_consts, body_consts, carry = args[:nc], args[nc:nc + nb], list(args[nc + nb:])
-    while bool(np.asarray(run_plan(self.cond, cond_consts + carry, ctx)[0])):
+    while True:
+      pred = np.asarray(run_plan(self.cond, cond_consts + carry, ctx)[0])
+      if not pred.any():
+        return carry
       ctx.check()
-      carry = list(run_plan(self.body, body_consts + carry, ctx))
-    return carry
+      new = list(run_plan(self.body, body_consts + carry, ctx))
+      if pred.ndim == 0:
+        carry = new
+      else:
+        # A vmapped loop (batched predicate): as jax lowers it, every element
+        # runs the body until all are done, and done elements keep their value.
+        carry = [jnp.where(pred.reshape(pred.shape + (1,) * (n.ndim - pred.ndim)), n, c)
+                 for n, c in zip(new, carry)]
 
   def _run_scan(self, args, ctx, run_plan):
     consts = args[:self.num_consts]

@@ -17,16 +17,15 @@ import threading
 import time
 from typing import Any
 
+import jax
 import jax.numpy as jnp
-import numpy as np
 
 from xcs_jax._src.errors import XCSCancelledError
-from xcs_jax._src.executor import CallContext, coordinator_pool
+from xcs_jax._src.executor import CANCEL_GRACE_S, CallContext, coordinator_pool
 from xcs_jax._src.jit.classify import Kind
 from xcs_jax._src.jit.ir import read
 from xcs_jax._src.primitives import run_host_call
 
-CANCEL_GRACE_S = 10.0
 
 
 class RunRecord:
@@ -157,42 +156,46 @@ def run_plan(plan, args: list, *, ctx: CallContext | None = None,
         in_flight -= len(lane.queue)
         lane.queue.clear()
 
-  grace_deadline = None
-  while True:
-    touched = set()
-    while ready and error is None:
-      step = steps[ready.popleft()]
-      if step.kind is Kind.TENSOR:
-        try:
-          outs = step.run(*[env[r] for r in step.ins])
-        except Exception as e:  # a shape or runtime error in tensor code
-          fail(e)
-          break
-        finish(step, outs)
-      else:
-        in_flight += 1
-        touched.add(enqueue(step))
-    for lane in touched:  # all ready work queued first, then the workers
-      start_workers(lane)
-    if in_flight == 0:
-      break
-    if error is not None and grace_deadline is None:
-      grace_deadline = time.monotonic() + CANCEL_GRACE_S
-    timeout = None if grace_deadline is None else max(0.0, grace_deadline - time.monotonic())
-    if not has_reports.wait(timeout):
-      break  # calls that ignore cancellation: do not wait for them forever
-    has_reports.clear()  # before draining: a report after this sets it again
-    reports = []
-    while done:
-      reports.append(done.popleft())
-    for index, result, exc in reports:
-      in_flight -= 1
-      if exc is not None:
-        fail(exc)
-      elif error is None:
-        outs, seconds = result
-        record.host_seconds += seconds
-        finish(steps[index], outs)
+  try:
+    grace_deadline = None
+    while True:
+      touched = set()
+      while ready and error is None:
+        step = steps[ready.popleft()]
+        if step.kind is Kind.TENSOR:
+          try:
+            outs = step.run(*[env[r] for r in step.ins])
+          except Exception as e:  # a shape or runtime error in tensor code
+            fail(e)
+            break
+          finish(step, outs)
+        else:
+          in_flight += 1
+          touched.add(enqueue(step))
+      for lane in touched:  # all ready work queued first, then the workers
+        start_workers(lane)
+      if in_flight == 0:
+        break
+      if error is not None and grace_deadline is None:
+        grace_deadline = time.monotonic() + CANCEL_GRACE_S
+      timeout = None if grace_deadline is None else max(0.0, grace_deadline - time.monotonic())
+      if not has_reports.wait(timeout):
+        break  # calls that ignore cancellation: do not wait for them forever
+      has_reports.clear()  # before draining: a report after this sets it again
+      reports = []
+      while done:
+        reports.append(done.popleft())
+      for index, result, exc in reports:
+        in_flight -= 1
+        if exc is not None:
+          fail(exc)
+        elif error is None:
+          outs, seconds = result
+          record.host_seconds += seconds
+          finish(steps[index], outs)
+  except BaseException:  # KeyboardInterrupt, or a bug here: stop what was started
+    fail(XCSCancelledError("interrupted"))
+    raise
   if error is not None:
     raise error
   if any(waiting.values()):  # pragma: no cover - would be a scheduler bug
@@ -201,4 +204,4 @@ def run_plan(plan, args: list, *, ctx: CallContext | None = None,
 
 
 def _as_jax(x: Any) -> Any:
-  return jnp.asarray(x) if isinstance(x, np.ndarray) else x
+  return x if isinstance(x, jax.Array) else jnp.asarray(x)  # like jax.jit's outputs
