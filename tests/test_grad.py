@@ -303,3 +303,68 @@ def test_jvp_through_a_host_vjp_raises():
 def test_estimators_are_hashable_values():
   assert grad_lib.resolve("central", "f") == xcs_jax.grad.central()
   assert hash(xcs_jax.grad.spsa(8, seed=2)) == hash(xcs_jax.grad.spsa(8, seed=2))
+
+
+# ------------------------------------------------------------------ review fixes
+
+
+def test_default_step_follows_the_lowest_precision_output():
+  # float64 inputs, float32 output: the step must be float32's eps ** (1/3), not
+  # float64's (which left rounding noise of ~20%). With a float32 output the
+  # best central differences get is ~eps32 ** (2/3) relative; 1e-2 is the bound.
+  with float64():
+    op = xcs_jax.host_op(lambda x: np.float32(100 + np.sum(np.sin(x))),
+                         out_spec=jax.ShapeDtypeStruct((), jnp.float32), grad="central")
+    x = jnp.linspace(-2.0, 3.0, 8, dtype=jnp.float64)
+    assert rel_error(jax.grad(op)(x), np.cos(np.asarray(x))) <= 1e-2
+    assert grad_lib.default_step([jnp.float64], [jnp.float32]) == pytest.approx(
+        float(np.finfo(np.float32).eps) ** (1 / 3))
+    assert grad_lib.default_step([jnp.float64], [jnp.float64]) == pytest.approx(
+        float(np.finfo(np.float64).eps) ** (1 / 3))
+
+
+@pytest.mark.parametrize("grad", ["central", "spsa"])
+@pytest.mark.parametrize("jit", [False, True])
+def test_non_finite_perturbed_outputs_raise_and_name_the_op(grad, jit):
+  op = xcs_jax.host_op(lambda x: np.float32(np.sqrt(x).sum()),
+                       out_spec=jax.ShapeDtypeStruct((), jnp.float32), grad=grad,
+                       name="sqrtsum")
+  g = jax.jit(jax.grad(op)) if jit else jax.grad(op)
+  with np.errstate(invalid="ignore"), pytest.raises(Exception) as info:
+    g(jnp.array([0.0, 1.0]))  # sqrt(0 - h) is NaN while sqrt(0) is finite
+  assert info.match(r"sqrtsum(.|\n)*non-finite(.|\n)*smaller `step=`(.|\n)*domain")
+  if not jit:
+    assert isinstance(info.value, xcs_jax.XCSExecutionError)
+  ok = g(jnp.array([1.0, 4.0]))  # inside the domain: no error
+  assert np.all(np.isfinite(ok))
+  if grad == "central":
+    np.testing.assert_allclose(ok, [0.5, 0.25], rtol=1e-3)
+
+
+@pytest.mark.parametrize("grad", ["central", "spsa"])
+def test_complex_inputs_are_a_clear_error(grad):
+  op = xcs_jax.host_op(lambda z: np.float32(np.sum(np.abs(z) ** 2)),
+                       out_spec=jax.ShapeDtypeStruct((), jnp.float32), grad=grad,
+                       name="power")
+  with pytest.raises(TypeError, match="power.*complex.*not supported"):
+    jax.grad(op)(jnp.array([1 + 2j, 3 - 1j], jnp.complex64))
+  assert np.isclose(op(jnp.array([1 + 2j], jnp.complex64)), 5.0)  # forward still works
+
+
+@pytest.mark.parametrize("factory", [xcs_jax.grad.central, xcs_jax.grad.spsa])
+def test_uncalled_estimator_factory_is_a_clear_error(factory):
+  name = factory.__name__
+  with pytest.raises(TypeError, match=rf"call it: grad=xcs_jax\.grad\.{name}\(\)"):
+    xcs_jax.host_op(sum_sin, out_spec=scalar_spec, grad=factory)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_vjp_returning_non_finite_cotangents_names_the_op(jit):
+  op = xcs_jax.host_op(lambda x: np.float32(x.sum()),
+                       out_spec=jax.ShapeDtypeStruct((), jnp.float32), name="judge",
+                       grad=lambda p, o, c: (np.full(3, np.nan, np.float32),))
+  g = jax.jit(jax.grad(op)) if jit else jax.grad(op)
+  with pytest.raises(Exception, match=r"judge\.vjp(.|\n)*non-finite") as info:
+    g(jnp.ones(3))
+  if not jit:
+    assert isinstance(info.value, xcs_jax.XCSExecutionError)

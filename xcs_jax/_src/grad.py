@@ -139,6 +139,11 @@ def resolve(grad: Any, op_name: str) -> Estimator | None:
   """The estimator `grad=` names (None: no gradient rule)."""
   if grad is None or isinstance(grad, (Central, SPSA, HostVJP)):
     return grad
+  if grad is central or grad is spsa:  # the factory itself, not an estimator
+    raise TypeError(
+        f"`host_op({op_name}, grad=xcs_jax.grad.{grad.__name__})` passes the factory, "
+        f"which would be taken for a host VJP; call it: "
+        f"grad=xcs_jax.grad.{grad.__name__}() (or grad={grad.__name__!r}).")
   if isinstance(grad, str):
     if grad == "central":
       return Central()
@@ -210,12 +215,32 @@ def _perturbation_call(est: Central | SPSA, site: CallSite, leaves) -> list:
   return call(list(leaves))
 
 
+def default_step(in_dtypes, out_dtypes) -> float:
+  """`eps ** (1/3)` of the LOWEST-precision float among inputs and outputs.
+
+  The rounding error of `f(x + h) - f(x - h)` is set by the output's precision
+  as much as the input's: a float32 output of float64 inputs needs float32's step.
+  """
+  eps = max(float(jnp.finfo(dt).eps) for dt in list(in_dtypes) + list(out_dtypes)
+            if jnp.issubdtype(dt, jnp.inexact))
+  return eps ** (1 / 3)
+
+
 def _perturbation_jvp(est, site, xs, ts, moving):
+  complex_in = [i for i in moving if jnp.issubdtype(xs[i].dtype, jnp.complexfloating)]
+  if complex_in:
+    raise TypeError(
+        f"`host_op({site.name}, grad={est.name!r})`: input leaf {complex_in[0]} is "
+        f"complex ({np.dtype(xs[complex_in[0]].dtype)}); complex inputs are not "
+        "supported by the central/spsa estimators (they perturb real directions "
+        "only). Pass the real and imaginary parts as separate float inputs, or give "
+        "a host VJP `grad=`.")
   dtype = jnp.result_type(*[xs[i] for i in moving])
   sizes = [int(np.prod(xs[i].shape)) for i in moving]
   d = sum(sizes)
   offsets = np.cumsum([0] + sizes)
-  step = est.step if est.step is not None else float(jnp.finfo(dtype).eps) ** (1 / 3)
+  step = est.step if est.step is not None else default_step(
+      [xs[i].dtype for i in moving], [o.dtype for o in site.out_avals])
   theta = jnp.concatenate([xs[i].ravel().astype(dtype) for i in moving])
   if isinstance(est, Central):
     directions = jnp.diag(step * jnp.maximum(jnp.abs(theta), 1))  # [d, d]
@@ -243,23 +268,59 @@ def _perturbation_jvp(est, site, xs, ts, moving):
     args[i], in_batched[i] = batch[j], True
   ys = site.bind(args, in_batched, 1)
   outs = [y[0] for y in ys]
+  # Non-finite perturbed outputs where the unperturbed one is finite: the step
+  # left the function's domain. Raise (on the host, when the values exist)
+  # rather than return a NaN gradient.
+  ok = _check_perturbed(est, site, ys, k)
 
-  # dy = sum_k a_k (y+_k - y-_k), with a_k = sum_i t_i / (2 delta_ki) / norm over
-  # the nonzero steps: central differences when delta is diagonal, SPSA's
-  # inverse-direction form when it is dense. Linear in t, so jax can transpose it.
   delta = jnp.concatenate(deltas, axis=1)                           # [k, d]
-  inv = jnp.where(delta != 0, 1 / (2 * jnp.where(delta != 0, delta, 1)), 0) / norm
   t = jnp.concatenate([ts[i].ravel().astype(dtype) for i in moving])
-  coeff = inv @ t                                                   # [k]
   out_tangents = []
   for o, y in zip(outs, ys):
     if not _is_float(o):
       out_tangents.append(_zero_tangent(o))
       continue
-    diff = (y[1:k + 1] - y[k + 1:]).reshape(k, -1)
-    out_tangents.append(
-        (coeff.astype(diff.dtype) @ diff).reshape(o.shape).astype(o.dtype))
+    diff = (y[1:k + 1] - y[k + 1:]).reshape(k, -1) + ok.astype(y.dtype)  # [k, m]
+    if isinstance(est, Central):
+      # Row i moved element i only: column i of the Jacobian is its own two rows
+      # over its own step (no sum over rows, so one bad row stays in its element).
+      # Linear in t, so jax can transpose it.
+      h2 = (2 * jnp.diagonal(delta)).astype(diff.dtype)[:, None]     # [d, 1]
+      jac_t = jnp.where(h2 != 0, diff / jnp.where(h2 != 0, h2, 1), 0)  # [d, m]
+      tangent = t.astype(diff.dtype) @ jac_t
+    else:
+      # SPSA: dy = sum_k a_k (y+_k - y-_k), a_k = sum_i t_i / (2 delta_ki) / n.
+      inv = jnp.where(delta != 0, 1 / (2 * jnp.where(delta != 0, delta, 1)), 0) / norm
+      tangent = (inv @ t).astype(diff.dtype) @ diff
+    out_tangents.append(tangent.reshape(o.shape).astype(o.dtype))
   return outs, out_tangents
+
+
+def _check_perturbed(est, site, ys, k) -> jax.Array:
+  """A float32 zero that raises on the host if a perturbed output went non-finite."""
+  bad = jnp.zeros((), jnp.int32)
+  for o, y in zip(site.out_avals, ys):
+    if not _is_float(o):
+      continue
+    fwd_ok = jnp.isfinite(y[0])
+    pert_bad = ~jnp.isfinite(y[1:]) & fwd_ok[None]
+    bad = bad + jnp.sum(pert_bad, dtype=jnp.int32)
+
+  def check(count):
+    count = np.asarray(count)
+    if np.any(count > 0):
+      raise ValueError(
+          f"host_op `{site.name}` returned non-finite values (NaN/inf) at "
+          f"{int(np.max(count))} perturbed point(s) of its `grad={est.name!r}` "
+          "estimate where its unperturbed value is finite: the perturbation "
+          "left the function's domain. Use a smaller `step=` "
+          f"(`xcs_jax.grad.{est.name}(step=...)`) or keep the input "
+          "inside the function's domain (away from its boundary).")
+    return np.zeros(count.shape, np.float32)
+
+  call = site.make_host_call(check, lambda c: jax.ShapeDtypeStruct((), jnp.float32),
+                             f"{site.name}.{est.name}_check")
+  return jax.lax.stop_gradient(call(jax.lax.stop_gradient(bad)))
 
 
 def _zero_tangent(o):
@@ -354,6 +415,12 @@ def _check_vjp_result(result, primals: tuple, name: str, float_in: Sequence[int]
                f"whose shape is {p_shape}")
         if not np.issubdtype(c.dtype, np.number) or np.issubdtype(c.dtype, np.complexfloating):
           fail(f"returned a cotangent of dtype {c.dtype} for argument {a} (leaf {leaf})")
+        if not np.all(np.isfinite(c)):
+          raise ValueError(
+              f"`{name}.vjp` (the `grad=` callable of host_op `{name}`) returned "
+              f"{int(np.size(c) - np.sum(np.isfinite(c)))} non-finite (NaN/inf) "
+              f"cotangent value(s) for argument {a} (leaf {leaf}). Return finite "
+              "values (0 where the output does not depend on the input).")
       flat.append(c)
   all_leaves = jax.tree_util.tree_leaves(list(primals))
   return [np.zeros(np.shape(all_leaves[i]), np.asarray(all_leaves[i]).dtype)
