@@ -47,10 +47,15 @@ def auth_echo_server() -> Iterator[str]:
 
 
 def error_texts(error: BaseException) -> str:
-  """str and repr of `error` and of every exception chained to it."""
+  """str, repr and attributes of `error` and of every exception chained to it."""
   parts, seen = [], set()
   while error is not None and id(error) not in seen:
     seen.add(id(error))
     parts += [str(error), repr(error)]
+    # Attributes too (an SDK error keeps its request, headers included).
+    parts += [repr(v) for v in vars(error).values()]
+    request = getattr(error, "request", None)
+    if request is not None:
+      parts.append(repr(dict(getattr(request, "headers", {}))))
     error = error.__cause__ or error.__context__
   return "\n".join(parts)

@@ -199,3 +199,17 @@ def test_bad_params_are_clear_errors():
     bind("openai:m", api_key_env=None, score_template="no reply field")
   with pytest.raises(ValueError, match="embedding_dim"):
     bind("openai:m", api_key_env=None, embedding_dim=0)
+
+
+def test_a_key_never_travels_on_a_chained_sdk_error(monkeypatch):
+  # A connection error does not echo the key, but the SDK's error object keeps
+  # the request, Authorization header included: it must not be chained.
+  monkeypatch.setenv("XCS_TEST_OPENAI_KEY", SECRET)
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]  # closed once the block ends: connections refused
+  m = bind("openai:gpt-4o-mini", base_url=f"http://127.0.0.1:{port}/v1",
+           api_key_env="XCS_TEST_OPENAI_KEY", retries=0, timeout_s=5.0)
+  with pytest.raises(xcs_jax.XCSExecutionError) as info:
+    m(text.encode("hi", 8))
+  assert SECRET not in error_texts(info.value)

@@ -87,14 +87,18 @@ def key_fingerprint(key: str) -> str:
 
 
 def redact(error: BaseException, secret: str | None) -> BaseException:
-  """`error` itself, or a `ProviderAPIError` copy when its text holds `secret`."""
+  """`error` itself for an endpoint without a key; otherwise a `ProviderAPIError`
+  copy of its type, status and text with the key cut out.
+
+  An SDK error keeps the request (and its `Authorization` header) as an
+  attribute, so it must not travel on (as a cause) when a key was sent.
+  """
   if not secret or secret == NO_AUTH_PLACEHOLDER:
     return error
-  text = f"{error}\n{error!r}"
-  if secret not in text:
-    return error
+  status = getattr(error, "status_code", None)
   clean = str(error).replace(secret, "[redacted]")
-  return ProviderAPIError(f"{type(error).__name__}: {clean}")
+  return ProviderAPIError(f"{type(error).__name__}"
+                          f"{f' (HTTP {status})' if status else ''}: {clean}")
 
 
 def request(fn: Callable[[float | None], Any], *, ctx: CallContext,
