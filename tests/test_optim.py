@@ -325,3 +325,39 @@ def test_ensemble_weights_learned_through_an_estimator(estimator):
   w = np.asarray(jax.nn.softmax(res.params))
   assert w[0] > 0.8, w
   assert res.history[-1]["loss"] < 0.7 * res.history[0]["loss"]
+
+
+# ------------------------------------------------------------------ review fixes
+
+
+def test_fit_per_step_postfix_does_not_force_a_redraw(monkeypatch):
+  from xcs_jax._src.optim import loop
+  refreshes = []
+
+  class Recording(loop.tqdm):
+    def set_postfix(self, *args, refresh=True, **kwargs):
+      refreshes.append(refresh)
+      return super().set_postfix(*args, refresh=refresh, **kwargs)
+
+  monkeypatch.setattr(loop, "tqdm", Recording)
+  data, _ = regression_data(n=16)
+  opt = optax.sgd(0.01)
+  optim.fit(optim.make_step(mse_loss, opt), fresh(), opt.init(fresh()), data,
+            key=jax.random.key(0), num_epochs=2, batch_size=4, jit=jax.jit)
+  assert refreshes.count(False) == 2 * 4  # every step: no forced redraw
+  assert refreshes.count(True) == 2       # one redraw per epoch, with its record
+
+
+def test_loss_fn_returning_a_bare_scalar_is_a_clear_error():
+  opt = optax.sgd(0.1)
+  step = optim.make_step(lambda p, b, k: jnp.sum(p ** 2), opt)
+  with pytest.raises(TypeError, match=r"`loss_fn` must return `\(loss, metrics\)`; "
+                                      r"return `\(loss, \{\}\)`"):
+    step(jnp.ones(2), opt.init(jnp.ones(2)), None, jax.random.key(0))
+
+
+def test_fit_without_a_key_says_what_key_must_be():
+  opt = optax.sgd(0.1)
+  with pytest.raises(TypeError, match=r"fit\(key=...\).*PRNG key.*jax\.random\.key\(0\)"):
+    optim.fit(optim.make_step(mse_loss, opt), fresh(), opt.init(fresh()),
+              regression_data(n=8)[0], key=None, progress=False)

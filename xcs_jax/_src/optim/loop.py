@@ -75,6 +75,10 @@ def fit(step: Callable[..., StepOutput], params: optax.Params, opt_state: optax.
     raise TypeError("`fit(early_stopping=...)` must come from "
                     "`xcs_jax.optim.early_stopping(...)`; got "
                     f"{type(early_stopping).__name__}.")
+  if key is None or not hasattr(key, "dtype"):
+    raise TypeError("`fit(key=...)` must be a JAX PRNG key, e.g. `key=jax.random.key(0)` "
+                    "(shuffling and each step's key derive from it); got "
+                    f"{key!r}.")
   n = dataset_size(data)
   batch_size = n if batch_size is None else batch_size
   steps_per_epoch = num_batches(n, batch_size) if batch_size <= n else 0
@@ -95,9 +99,12 @@ def fit(step: Callable[..., StepOutput], params: optax.Params, opt_state: optax.
         for name, value in out.metrics.items():
           metrics.setdefault(name, []).append(float(value))
         global_step += 1
-        bar.update(1)
+        # refresh=False: update() redraws (rate-limited by tqdm's mininterval)
+        # with the new postfix; set_postfix's default forces a redraw every step.
         bar.set_postfix(_postfix({"loss": np.mean(losses),
-                                  **{k: np.mean(v) for k, v in metrics.items()}}))
+                                  **{k: np.mean(v) for k, v in metrics.items()}}),
+                        refresh=False)
+        bar.update(1)
       record = {"epoch": epoch, "steps": global_step, "loss": float(np.mean(losses)),
                 **{k: float(np.mean(v)) for k, v in metrics.items()}}
       if eval_fn is not None:

@@ -47,8 +47,18 @@ def make_step(loss_fn: LossFn, optimizer: optax.GradientTransformation
     raise TypeError("`make_step(..., optimizer)` must be an optax GradientTransformation "
                     f"(e.g. `optax.adam(1e-2)`); got {type(optimizer).__name__}.")
 
+  def checked_loss(params, batch, key):
+    out = loss_fn(params, batch, key)
+    if not (isinstance(out, (tuple, list)) and len(out) == 2):
+      raise TypeError(
+          "`loss_fn` must return `(loss, metrics)`; return `(loss, {})` for no metrics. "
+          f"It returned {type(out).__name__}"
+          + (f" of length {len(out)}" if isinstance(out, (tuple, list)) else "") + ".")
+    return tuple(out)
+
   def step(params, opt_state, batch, key):
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, key)
+    (loss, metrics), grads = jax.value_and_grad(checked_loss, has_aux=True)(
+        params, batch, key)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return StepOutput(optax.apply_updates(params, updates), opt_state, loss, dict(metrics))
 
