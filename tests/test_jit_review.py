@@ -58,3 +58,26 @@ def test_vmapped_while_with_a_data_dependent_trip_count():
 
   xs = jnp.array([3.0, 20.0, 0.5])
   np.testing.assert_allclose(xcs_jax.jit(jax.vmap(g))(xs), jax.jit(jax.vmap(g))(xs))
+
+
+def test_the_concurrency_limit_holds_for_unbatched_calls_from_many_threads():
+  import threading
+
+  from conftest import InFlight
+  rec = InFlight()
+
+  def fn(x):
+    with rec.track():
+      threading.Event().wait(0.05)
+    return np.float32(x)
+
+  op = xcs_jax.host_op(fn, out_spec=jax.ShapeDtypeStruct((), jnp.float32),
+                       name="limited_unbatched", concurrency=2)
+  for call in (op, jax.jit(op)):  # eager, and under plain jax.jit
+    rec.peak = 0
+    threads = [threading.Thread(target=call, args=(1.0,)) for _ in range(8)]
+    for t in threads:
+      t.start()
+    for t in threads:
+      t.join()
+    assert rec.peak == 2

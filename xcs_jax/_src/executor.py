@@ -29,11 +29,17 @@ CANCEL_GRACE_S = 10.0
 
 
 class Pool(cf.ThreadPoolExecutor):
-  """A thread pool that knows its size."""
+  """A thread pool that knows its size, with as many call slots.
+
+  Every provider call holds a slot while it runs, whichever thread makes it
+  (a pool worker, an XLA callback thread, a user's thread calling eagerly),
+  so the limit holds for unbatched calls too.
+  """
 
   def __init__(self, size: int, name: str):
     super().__init__(max_workers=size, thread_name_prefix=f"xcs-{name}")
     self.size = size
+    self.slots = threading.BoundedSemaphore(size)
 
 
 _pools: dict[tuple[str, int], Pool] = {}

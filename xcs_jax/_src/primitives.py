@@ -70,7 +70,8 @@ class HostCallOp:
     """One call on one example, its failure wrapped in `XCSExecutionError`."""
     ctx.check()
     try:
-      return self.run_example(ctx, *inputs)
+      with self.pool().slots:  # the provider's concurrency limit
+        return self.run_example(ctx, *inputs)
     except XCSCancelledError:
       raise
     except Exception as e:
