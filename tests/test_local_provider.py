@@ -185,3 +185,20 @@ def test_embed_width_and_similarity_order():
   assert unit[0] @ unit[1] > unit[0] @ unit[2] + 0.05
   with pytest.raises(ValueError, match="empty"):
     provider.embed(m, "", CallContext(), None)
+
+
+# -- score checks (no model) ----------------------------------------------------
+
+
+def test_near_certain_option_rounding_above_zero_reads_as_zero():
+  # A peaked row: logaddexp normalization rounds the certain option's log-prob
+  # a hair above 0 in float64; that is noise, not an invalid score.
+  logits = np.array([0.0, -60.0, -80.0])
+  row = logits - np.logaddexp.reduce(logits) + 1e-12
+  got = local._checked_log_probs(row, ["yes", "no", "maybe"])
+  assert got.dtype == np.float32 and got[0] == 0.0 and np.all(got <= 0)
+  np.testing.assert_allclose(got[1:], row[1:].astype(np.float32))
+  with pytest.raises(FloatingPointError, match="invalid log-probabilities.*'no'"):
+    local._checked_log_probs(np.array([-1.0, 0.5]), ["yes", "no"])  # a real violation
+  with pytest.raises(FloatingPointError, match="'yes'"):
+    local._checked_log_probs(np.array([np.nan, -1.0]), ["yes", "no"])

@@ -335,12 +335,7 @@ class LocalProvider(base.Provider):
             f"window `n_ctx={m.llama.n_ctx()}`: bind with a larger `n_ctx`.")
       scores = _score(m, prefix, suffixes, bool(p["reuse_prompt_state"]),
                       lambda: _check_deadline(ctx, deadline, timeout_s))
-    bad = ~(np.isfinite(scores) & (scores <= 0))
-    if bad.any():
-      raise FloatingPointError(
-          f"the local model gave invalid log-probabilities {scores[bad].tolist()} for "
-          f"options {[o for o, b in zip(options, bad) if b]!r} (must be finite and <= 0).")
-    return scores.astype(np.float32)
+    return _checked_log_probs(scores, options)
 
   def embed(self, binding, text, ctx, deadline):
     p = binding.options
@@ -361,6 +356,25 @@ class LocalProvider(base.Provider):
 
   def embedding_dim(self, binding) -> int:
     return gguf.embedding_length(self.model_path(binding))
+
+
+def _checked_log_probs(scores: np.ndarray, options: Sequence[str]) -> np.ndarray:
+  """Option log-probabilities as float32, rounding noise above 0 read as 0.
+
+  For a near-certain option the summed (logaddexp-normalized) log-probability
+  can round a hair above 0 even in float64; values within
+  `numeric.LOGPROB_ROUNDING_TOL` of 0 are clipped to 0 (the tolerance the
+  provider-independent check uses). Anything else non-finite or > 0 raises.
+  """
+  from xcs_jax._src.numeric import LOGPROB_ROUNDING_TOL  # numeric imports providers
+  scores = np.asarray(scores, np.float64)
+  scores = np.where((scores > 0) & (scores <= LOGPROB_ROUNDING_TOL), 0.0, scores)
+  bad = ~(np.isfinite(scores) & (scores <= 0))
+  if bad.any():
+    raise FloatingPointError(
+        f"the local model gave invalid log-probabilities {scores[bad].tolist()} for "
+        f"options {[o for o, b in zip(options, bad) if b]!r} (must be finite and <= 0).")
+  return scores.astype(np.float32)
 
 
 def _score(m: _Instance, prefix: Sequence[int], suffixes: Sequence[Sequence[int]],
