@@ -81,3 +81,15 @@ def test_the_concurrency_limit_holds_for_unbatched_calls_from_many_threads():
     for t in threads:
       t.join()
     assert rec.peak == 2
+
+
+def test_static_args_are_static_by_position_and_by_name():
+  op = Recorder().op("scaled")
+
+  def f(x, n):
+    return op(x) * n if n > 1 else op(x)  # Python control flow on n: must be static
+
+  for jf in (xcs_jax.jit(f, static_argnames="n"), xcs_jax.jit(f, static_argnums=1)):
+    assert float(jf(1.0, 3)) == 6.0          # n by position
+    assert float(jf(1.0, n=3)) == 6.0        # n by name
+    assert xcs_jax.get_jit_stats(jf)["status"] == "compiled"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import inspect
 import threading
 import time
 import warnings
@@ -58,6 +59,20 @@ class _Entry:
     self.direct = False  # jax.jit(fun) itself can run this signature
 
 
+def _static_positions_and_names(fun, argnums: tuple, argnames: tuple) -> tuple:
+  """Like jax.jit: a static argument is static by position and by name."""
+  try:
+    params = list(inspect.signature(fun).parameters.values())
+  except (TypeError, ValueError):  # no signature (some builtins)
+    return argnums, argnames
+  kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+  positional = [p.name for p in params if p.kind in kinds]
+  names = set(argnames) | {positional[i] for i in argnums if 0 <= i < len(positional)}
+  nums = set(argnums) | {positional.index(n) for n in argnames if n in positional}
+  keyword = {p.name for p in params if p.kind is not inspect.Parameter.POSITIONAL_ONLY}
+  return tuple(sorted(nums)), tuple(sorted(n for n in names if n in keyword))
+
+
 class _HostCallsFound(Exception):
   """Stops a jax.jit trace on the fast path: this signature makes host calls."""
 
@@ -84,8 +99,8 @@ class JitFunction:
       raise ValueError("`xcs_jax.jit(..., max_concurrency=...)` must be a positive int "
                        f"or None; got {max_concurrency!r}.")
     self.fun = fun
-    self.static_argnums = tuple(static_argnums)
-    self.static_argnames = tuple(static_argnames)
+    self.static_argnums, self.static_argnames = _static_positions_and_names(
+        fun, tuple(static_argnums), tuple(static_argnames))
     self.max_concurrency = max_concurrency
     self._cache_size = cache_size
     self._cache: collections.OrderedDict = collections.OrderedDict()
