@@ -7,8 +7,11 @@ estimator wraps the call site):
 - `central(step=None)`: central differences, one pair of evaluations per input
   element. `step` is relative: element `x_i` moves by
   `h_i = step * max(|x_i|, 1)`; the default `step` is `eps ** (1/3)` of the
-  input's dtype (about 4.9e-3 for float32, 6.1e-6 for float64), which
-  balances truncation (`O(h^2)`) against rounding (`O(eps / h)`).
+  lowest-precision float among the differentiated inputs and the outputs
+  (about 4.9e-3 for float32, 6.1e-6 for float64), which balances truncation
+  (`O(h^2)`) against rounding (`O(eps / h)`). Complex inputs raise TypeError.
+  Non-finite perturbed outputs where the forward value is finite raise
+  (the step left the function's domain); NaN is never returned silently.
 - `spsa(n=16, step=None, seed=0)`: simultaneous perturbation: `n` random
   Rademacher (+-1) directions, two evaluations each, whatever the input size.
   Every element moves by `+-c`, one `c = step * max(rms(x), 1)` for all.
@@ -90,7 +93,7 @@ def central(step: float | None = None) -> Central:
 
   Args:
     step: relative step; element `x_i` moves by `step * max(|x_i|, 1)`.
-      Default: `eps ** (1/3)` of the input dtype.
+      Default: `eps ** (1/3)` of the lowest-precision input/output float dtype.
 
   Returns:
     An estimator for `host_op(..., grad=...)`.
