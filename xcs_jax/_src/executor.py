@@ -47,12 +47,19 @@ _pools_lock = threading.Lock()
 
 
 class CallContext:
-  """Cancellation shared by the calls of one batch or one scheduled program."""
+  """Cancellation shared by the calls of one batch or one scheduled program,
+  and the seconds its calls took, summed."""
 
-  __slots__ = ("_cancelled",)
+  __slots__ = ("_cancelled", "_lock", "call_seconds")
 
   def __init__(self) -> None:
     self._cancelled = threading.Event()
+    self._lock = threading.Lock()
+    self.call_seconds = 0.0
+
+  def add_call_time(self, seconds: float) -> None:
+    with self._lock:
+      self.call_seconds += seconds
 
   def cancel(self) -> None:
     self._cancelled.set()

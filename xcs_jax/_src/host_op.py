@@ -4,6 +4,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import dataclasses
 import functools
+import time
 from typing import Any, Callable
 
 import jax
@@ -135,10 +136,14 @@ class HostFnOp(HostCallOp):
     example = [x[0] for x in full]
     specs, treedef = self.out_tree(example)
     args = jax.tree_util.tree_unflatten(self.in_treedef, full)
+    start = time.perf_counter()
     try:
-      return self._check_outputs(self._call(args), specs, treedef, n)
+      with self.pool().slots:
+        return self._check_outputs(self._call(args), specs, treedef, n)
     except Exception as e:
       raise self.execution_error(e, source) from e
+    finally:
+      ctx.add_call_time(time.perf_counter() - start)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
+import time
 from typing import Any, Sequence
 
 import jax
@@ -69,6 +70,7 @@ class HostCallOp:
                  index: int | None = None) -> Sequence[np.ndarray]:
     """One call on one example, its failure wrapped in `XCSExecutionError`."""
     ctx.check()
+    start = time.perf_counter()
     try:
       with self.pool().slots:  # the provider's concurrency limit
         return self.run_example(ctx, *inputs)
@@ -76,6 +78,8 @@ class HostCallOp:
       raise
     except Exception as e:
       raise self.execution_error(e, source, index=index) from e
+    finally:
+      ctx.add_call_time(time.perf_counter() - start)
 
   def run_batch(self, ctx: CallContext, inputs: Sequence[np.ndarray],
                 in_batched: Sequence[bool], n: int, source: str) -> list[np.ndarray]:

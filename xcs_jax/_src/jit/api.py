@@ -16,7 +16,8 @@ from xcs_jax._src import compat
 from xcs_jax._src.primitives import watch_host_calls
 from xcs_jax._src.jit.explain import render_plan
 from xcs_jax._src.jit.plan import Plan, build_plan
-from xcs_jax._src.jit.scheduler import RunRecord, run_plan
+from xcs_jax._src.executor import CallContext
+from xcs_jax._src.jit.scheduler import run_plan
 
 DEFAULT_CACHE_SIZE = 64
 
@@ -266,16 +267,16 @@ class JitFunction:
       out = self._jax_jit(*args, **kwargs)
       self._record(start, None, entry.plan)
       return out
-    record = RunRecord()
+    ctx = CallContext()
     limit = threading.Semaphore(self.max_concurrency) if self.max_concurrency else None
-    outs = run_plan(entry.plan, leaves, limit=limit, record=record)
-    self._record(start, record, entry.plan)
+    outs = run_plan(entry.plan, leaves, ctx=ctx, limit=limit)
+    self._record(start, ctx, entry.plan)
     return jax.tree_util.tree_unflatten(entry.out_tree, outs)
 
-  def _record(self, start, record, plan):
+  def _record(self, start, ctx, plan):
     with self._lock:
       self._last = dict(last_wall_s=time.perf_counter() - start,
-                        last_model_call_s=record.host_seconds if record else None)
+                        last_model_call_s=ctx.call_seconds if ctx else None)
       if plan is not None:
         self._last_plan = plan
 

@@ -28,30 +28,19 @@ from xcs_jax._src.primitives import run_host_call
 
 
 
-class RunRecord:
-  """What one run measured: summed host-call seconds."""
-
-  __slots__ = ("host_seconds",)
-
-  def __init__(self) -> None:
-    self.host_seconds = 0.0
-
-
 def _run_host_step(step, values, ctx, limit):
   if limit is not None:
     with limit:
       return _run_host_step(step, values, ctx, None)
-  start = time.perf_counter()
   p = step.eqn.params
-  outs = run_host_call(p["op"], p["batch_ndim"], p["in_batched"], p["source"], *values,
+  return run_host_call(p["op"], p["batch_ndim"], p["in_batched"], p["source"], *values,
                        ctx=ctx)
-  return outs, time.perf_counter() - start
 
 
-def _run_control_step(step, values, ctx, limit, record):
+def _run_control_step(step, values, ctx, limit):
   def run_sub(plan, args, sub_ctx):
-    return run_plan(plan, list(args), ctx=sub_ctx, limit=limit, record=record)
-  return step.run(values, ctx, run_sub), 0.0  # sub-plans count their host time
+    return run_plan(plan, list(args), ctx=sub_ctx, limit=limit)
+  return step.run(values, ctx, run_sub)
 
 
 class _Lane:
@@ -72,8 +61,7 @@ class _Lane:
 
 
 def run_plan(plan, args: list, *, ctx: CallContext | None = None,
-             limit: threading.Semaphore | None = None,
-             record: RunRecord | None = None) -> list:
+             limit: threading.Semaphore | None = None) -> list:
   """Runs `plan` on flat `args`; returns its flat outputs.
 
   `limit`, shared with the sub-plans of control flow, bounds how many host
@@ -82,7 +70,6 @@ def run_plan(plan, args: list, *, ctx: CallContext | None = None,
   if plan.whole is not None:
     return list(plan.whole(*args))
   ctx = ctx or CallContext()
-  record = record or RunRecord()
   env: dict = dict(plan.program.consts)
   env.update(zip(plan.program.invars, args))
   steps = plan.steps
@@ -108,7 +95,7 @@ def run_plan(plan, args: list, *, ctx: CallContext | None = None,
         if step.kind is Kind.HOST:
           result = _run_host_step(step, values, ctx, limit)
         else:
-          result = _run_control_step(step, values, ctx, limit, record)
+          result = _run_control_step(step, values, ctx, limit)
         done.append((step.index, result, None))
       except BaseException as e:  # reported to the scheduler thread
         done.append((step.index, None, e))
@@ -190,9 +177,7 @@ def run_plan(plan, args: list, *, ctx: CallContext | None = None,
         if exc is not None:
           fail(exc)
         elif error is None:
-          outs, seconds = result
-          record.host_seconds += seconds
-          finish(steps[index], outs)
+          finish(steps[index], result)
   except BaseException:  # KeyboardInterrupt, or a bug here: stop what was started
     fail(XCSCancelledError("interrupted"))
     raise
