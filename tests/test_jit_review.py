@@ -93,3 +93,15 @@ def test_static_args_are_static_by_position_and_by_name():
     assert float(jf(1.0, 3)) == 6.0          # n by position
     assert float(jf(1.0, n=3)) == 6.0        # n by name
     assert xcs_jax.get_jit_stats(jf)["status"] == "compiled"
+
+
+def test_flags_and_nan_are_not_numbers_for_bind_host_op_and_jit():
+  import pytest
+  for kw in (dict(output_bytes=True), dict(temperature=float("nan")), dict(timeout_s=True)):
+    with pytest.raises(ValueError, match=next(iter(kw))):
+      models.bind("fake:echo", **kw)
+  with pytest.raises(ValueError, match="timeout_s"):
+    xcs_jax.host_op(lambda x: x, out_spec=jax.ShapeDtypeStruct((), jnp.float32),
+                    timeout_s=True)
+  with pytest.raises(ValueError, match="cache_size"):
+    xcs_jax.jit(lambda x: x, cache_size=-1)

@@ -195,10 +195,11 @@ def host_op(fn: Callable | None = None, *, out_spec: Any, vectorized: bool = Fal
     raise TypeError(f"`host_op(fn, ...)` needs a callable `fn`; got {type(fn).__name__}.")
   op_name = name or getattr(fn, "__name__", "host_fn")
   spec_fn = _as_spec_fn(out_spec, op_name)
-  if not isinstance(concurrency, int) or concurrency <= 0:
+  if not isinstance(concurrency, int) or isinstance(concurrency, bool) or concurrency <= 0:
     raise ValueError(f"`host_op({op_name}, concurrency=...)` must be a positive int; "
                      f"got {concurrency!r}.")
-  if timeout_s is not None and not timeout_s > 0:
+  if timeout_s is not None and (isinstance(timeout_s, bool)
+                                or not isinstance(timeout_s, (int, float)) or not timeout_s > 0):
     raise ValueError(f"`host_op({op_name}, timeout_s=...)` must be > 0 or None; "
                      f"got {timeout_s!r}.")
   estimator = grad_lib.resolve(grad, op_name)

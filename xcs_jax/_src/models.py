@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import types
 import hashlib
+import math
+import types
 from typing import Any, Mapping
 
 import jax
@@ -259,21 +260,26 @@ def bind(spec: str, **params: Any) -> ModelBinding:
 def _check_common(spec: str, p: Mapping[str, Any]) -> None:
   def fail(name, expected):
     raise ValueError(f"`bind({spec!r}, {name}=...)` must be {expected}; got {p[name]!r}.")
-  if not isinstance(p["output_bytes"], int) or p["output_bytes"] <= 0:
+
+  def is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+  def is_number(v):
+    return is_int(v) or (isinstance(v, float) and math.isfinite(v))
+
+  if not is_int(p["output_bytes"]) or p["output_bytes"] <= 0:
     fail("output_bytes", "a positive int (bytes of the answer array)")
-  if not isinstance(p["max_tokens"], int) or p["max_tokens"] <= 0:
+  if not is_int(p["max_tokens"]) or p["max_tokens"] <= 0:
     fail("max_tokens", "a positive int")
   if p["overflow"] not in ("error", "truncate"):
     fail("overflow", "'error' or 'truncate'")
-  if p["timeout_s"] is not None and not (isinstance(p["timeout_s"], (int, float))
-                                         and p["timeout_s"] > 0):
+  if p["timeout_s"] is not None and not (is_number(p["timeout_s"]) and p["timeout_s"] > 0):
     fail("timeout_s", "a positive number of seconds or None")
-  if not isinstance(p["retries"], int) or p["retries"] < 0:
+  if not is_int(p["retries"]) or p["retries"] < 0:
     fail("retries", "an int >= 0")
-  if p["concurrency"] is not None and not (isinstance(p["concurrency"], int)
-                                           and p["concurrency"] > 0):
+  if p["concurrency"] is not None and not (is_int(p["concurrency"]) and p["concurrency"] > 0):
     fail("concurrency", "a positive int or None")
-  if not isinstance(p["temperature"], (int, float)) or p["temperature"] < 0:
-    fail("temperature", "a number >= 0")
+  if not is_number(p["temperature"]) or p["temperature"] < 0:
+    fail("temperature", "a finite number >= 0")
   if p["system_prompt"] is not None and not isinstance(p["system_prompt"], str):
     fail("system_prompt", "a str or None")

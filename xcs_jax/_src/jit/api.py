@@ -46,9 +46,10 @@ def _hashable_static(value: Any, where: str) -> Any:
   try:
     hash(value)
   except TypeError as e:
-    raise ValueError(f"static argument {where} must be hashable (it keys the plan "
-                     f"cache, like jax.jit's static args); got {type(value).__name__}: "
-                     f"{e}") from None
+    raise ValueError(f"static argument {where} must be hashable: it keys the plan "
+                     f"cache, like jax.jit's static args ({e}). Make it hashable (a "
+                     "tuple, a frozen dataclass), or pass its arrays as arrays "
+                     "(register the class as a pytree).") from None
   return value
 
 
@@ -103,6 +104,9 @@ class JitFunction:
     self.static_argnums, self.static_argnames = _static_positions_and_names(
         fun, tuple(static_argnums), tuple(static_argnames))
     self.max_concurrency = max_concurrency
+    if not isinstance(cache_size, int) or isinstance(cache_size, bool) or cache_size < 1:
+      raise ValueError("`xcs_jax.jit(..., cache_size=...)` must be an int >= 1 (plans "
+                       f"kept); got {cache_size!r}.")
     self._cache_size = cache_size
     self._cache: collections.OrderedDict = collections.OrderedDict()
     self._lock = threading.Lock()
@@ -157,7 +161,8 @@ class JitFunction:
       if _is_array_like(x):
         arrays.append(x)
       else:
-        objects.append((i, _hashable_static(x, f"leaf {type(x).__name__}")))
+        objects.append((i, _hashable_static(
+            x, f"(a {type(x).__name__} among the arguments, not an array, so static)")))
     return tuple(static), tuple(objects), arrays, tree
 
   def _flat_fun(self, static, objects, tree, n_args):
