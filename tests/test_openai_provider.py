@@ -213,3 +213,11 @@ def test_a_key_never_travels_on_a_chained_sdk_error(monkeypatch):
   with pytest.raises(xcs_jax.XCSExecutionError) as info:
     m(text.encode("hi", 8))
   assert SECRET not in error_texts(info.value)
+
+
+def test_each_endpoint_has_its_own_concurrency_limit():
+  from xcs_jax._src.models import GenerateOp
+  a = bind("openai:m", api_key_env=None, base_url="http://127.0.0.1:1/v1", concurrency=3)
+  b = bind("openai:m", api_key_env=None, base_url="http://127.0.0.1:2/v1", concurrency=3)
+  assert GenerateOp(a).pool() is not GenerateOp(b).pool()
+  assert GenerateOp(a).pool() is GenerateOp(a.replace(seed=1)).pool()

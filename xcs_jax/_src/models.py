@@ -173,7 +173,8 @@ class BindingOp(HostCallOp):
   binding: ModelBinding
 
   def pool(self):
-    return provider_pool(self.binding.provider, self.binding.concurrency())
+    scope = base.get_provider(self.binding.provider).limit_scope(self.binding)
+    return provider_pool(scope, self.binding.concurrency())
 
   def describe(self) -> str:
     return str(self.binding)

@@ -59,6 +59,10 @@ class Provider:
     """Calls in flight at once for a binding that does not set `concurrency`."""
     return self.default_concurrency
 
+  def limit_scope(self, binding) -> str:
+    """What one concurrency limit covers: the provider, or one of its endpoints."""
+    return self.name
+
   def validate(self, model: str, params: Mapping[str, Any]) -> None:
     """Checks a binding when it is made (e.g. that its API key is set)."""
 
