@@ -182,6 +182,11 @@ class BindingOp(HostCallOp):
   def provider(self) -> base.Provider:
     return base.get_provider(self.binding.provider)
 
+  def call_provider(self, ctx: CallContext, request):
+    """`request(provider, deadline)` with the binding's retries, timeout and usage."""
+    provider = self.provider()
+    return base.timed_call(self.binding, lambda deadline: request(provider, deadline), ctx)
+
 
 @dataclasses.dataclass(frozen=True)
 class GenerateOp(BindingOp):
@@ -194,9 +199,8 @@ class GenerateOp(BindingOp):
     b = self.binding
     prompt_text = text_lib.decode_one(prompt)
     seed = seed_from_key(key_data, b.get("seed"))
-    provider = self.provider()
-    completion = base.timed_call(
-        b, lambda deadline: provider.generate(b, prompt_text, seed, ctx, deadline), ctx)
+    completion = self.call_provider(
+        ctx, lambda p, deadline: p.generate(b, prompt_text, seed, ctx, deadline))
     return [encode_answer(completion.text, b)]
 
 

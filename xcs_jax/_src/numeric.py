@@ -60,10 +60,9 @@ class ScoreOptionsOp(BindingOp):
   def run_example(self, ctx: CallContext, prompt):
     b = self.binding
     prompt_text = text_lib.decode_one(prompt)
-    provider = self.provider()
-    values = base.timed_call(
-        b, lambda deadline: provider.score_options(b, prompt_text, self.options, ctx,
-                                                   deadline), ctx)
+    values = self.call_provider(
+        ctx, lambda p, deadline: p.score_options(b, prompt_text, self.options, ctx,
+                                                 deadline))
     return [check_log_probs(values, self.options, b)]
 
 
@@ -81,9 +80,7 @@ class EmbedOp(BindingOp):
   def run_example(self, ctx: CallContext, text):
     b = self.binding
     text_str = text_lib.decode_one(text)
-    provider = self.provider()
-    values = base.timed_call(
-        b, lambda deadline: provider.embed(b, text_str, ctx, deadline), ctx)
+    values = self.call_provider(ctx, lambda p, deadline: p.embed(b, text_str, ctx, deadline))
     return [check_embedding(values, embedding_dim(b), self.normalize, b)]
 
 

@@ -51,10 +51,6 @@ class AnthropicProvider(base.Provider):
     self._clients = sdk.ClientCache(
         "anthropic", lambda **kw: sdk.import_sdk("anthropic", _EXTRA).Anthropic(**kw))
 
-  def limit_scope(self, binding) -> str:
-    # Rate limits belong to an endpoint: two servers never share one limit.
-    return f"{self.name}@{binding.get('base_url') or 'default'}"
-
   def validate(self, model, params):
     spec = f"anthropic:{model}"
     sdk.check_endpoint(spec, params, "anthropic", _EXTRA)

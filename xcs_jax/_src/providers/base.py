@@ -60,7 +60,11 @@ class Provider:
     return self.default_concurrency
 
   def limit_scope(self, binding) -> str:
-    """What one concurrency limit covers: the provider, or one of its endpoints."""
+    """What one concurrency limit covers: the provider, or, for a provider bound
+    to endpoints (a `base_url` param), each endpoint: rate limits belong to a
+    server, so two servers never share one limit."""
+    if "base_url" in self.params:
+      return f"{self.name}@{binding.get('base_url') or 'default'}"
     return self.name
 
   def validate(self, model: str, params: Mapping[str, Any]) -> None:

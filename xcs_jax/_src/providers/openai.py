@@ -81,10 +81,6 @@ class OpenAIProvider(base.Provider):
     self._clients = sdk.ClientCache(
         "openai", lambda **kw: sdk.import_sdk("openai", _EXTRA).OpenAI(**kw))
 
-  def limit_scope(self, binding) -> str:
-    # Rate limits belong to an endpoint: two servers never share one limit.
-    return f"{self.name}@{binding.get('base_url') or 'default'}"
-
   def validate(self, model, params):
     spec = f"openai:{model}"
     sdk.check_endpoint(spec, params, "openai", _EXTRA)
