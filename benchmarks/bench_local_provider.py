@@ -25,7 +25,8 @@ import time
 
 import numpy as np
 
-from xcs_jax._src.executor import CallContext
+import xcs_jax
+from xcs_jax.extend import CallContext
 from xcs_jax._src.providers import base
 from xcs_jax.models import bind
 
@@ -58,17 +59,17 @@ def main() -> None:
   parser.add_argument("--out", default="benchmarks/results/local_provider.json")
   args = parser.parse_args()
   prompts = (PROMPTS * (args.n // len(PROMPTS) + 1))[:args.n]
-  provider = base.get_provider("local")
+  provider = xcs_jax.current_runtime().provider("local")
   # One instance per kind of call: per-item costs without concurrency.
   m = bind("local:smollm2", max_tokens=4, pool_size=1)
   ctx = CallContext()
   for mode in ("generate", "score", "embed"):      # load every instance first
-    {"generate": lambda: provider.generate(m, "hi", 0, ctx, None),
-     "score": lambda: provider.score_options(m, "hi", ("a", "b"), ctx, None),
-     "embed": lambda: provider.embed(m, "hi", ctx, None)}[mode]()
+    {"generate": lambda: provider.generate(m, "hi", 0, ctx),
+     "score": lambda: provider.score_options(m, "hi", ("a", "b"), ctx),
+     "embed": lambda: provider.embed(m, "hi", ctx)}[mode]()
 
   rows = [("generate, max_tokens=4", per_item(
-      lambda p: provider.generate(m, p, 0, ctx, None), prompts))]
+      lambda p: provider.generate(m, p, 0, ctx), prompts))]
   max_diff = 0.0
   for k, options in OPTIONS.items():
     values = {}
@@ -76,11 +77,11 @@ def main() -> None:
       b = m.replace(reuse_prompt_state=reuse)
       got = []
       rows.append((f"score_options K={k}, reuse_prompt_state={reuse}", per_item(
-          lambda p, b=b, got=got: got.append(provider.score_options(b, p, options, ctx, None)),
+          lambda p, b=b, got=got: got.append(provider.score_options(b, p, options, ctx)),
           prompts)))
       values[reuse] = np.stack(got)
     max_diff = max(max_diff, float(np.abs(values[True] - values[False]).max()))
-  rows.append(("embed", per_item(lambda p: provider.embed(m, p, ctx, None), prompts)))
+  rows.append(("embed", per_item(lambda p: provider.embed(m, p, ctx), prompts)))
 
   load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
   lines = [f"Local provider per item (median of {args.n}; one instance; "

@@ -11,8 +11,9 @@ from typing import Callable
 
 import pytest
 
+import xcs_jax
 from xcs_jax import models
-from xcs_jax._src.providers import base
+from xcs_jax._src.executor import WorkerPool
 
 _unique = itertools.count()
 
@@ -70,7 +71,7 @@ def fake_inflight(monkeypatch):
   recorder around `FakeProvider.generate` (the whole provider call, latency
   included) and returns it.
   """
-  provider = base.get_provider("fake")
+  provider = xcs_jax.current_runtime().provider("fake")
   original = type(provider).generate
 
   def install(parties: int | None = None, timeout_s: float = 20.0) -> InFlight:
@@ -83,35 +84,27 @@ def fake_inflight(monkeypatch):
 
 
 def xcs_threads() -> list[threading.Thread]:
-  """The executor's worker threads (all pools name theirs `xcs-...`).
+  """The runtime's worker threads (named `<runtime name>-worker-N`).
 
-  Pools start threads lazily, up to their size, whenever no worker is idle at
-  the moment of a submit; so a count can grow between identical runs until a
-  pool is full. Compare counts only for a pool the warm-up filled; to check
-  that nothing is left running, use `busy_xcs_threads`.
+  Workers start lazily whenever no worker is idle at the moment of a submit,
+  and idle ones end after a while; so a count can change between identical
+  runs. To check that nothing is left running, use `busy_xcs_threads`.
   """
-  return [t for t in threading.enumerate() if t.name.startswith("xcs-")]
-
-
-_POOL_WORKER_FILE = os.path.join("concurrent", "futures", "thread.py")
+  return [t for t in threading.enumerate() if "-worker-" in t.name]
 
 
 def busy_xcs_threads() -> list[threading.Thread]:
-  """The executor's threads that are running a work item now (not idle).
+  """The runtime's worker threads that are running a task now (not idle).
 
-  An idle pool worker waits on its queue in `_worker`; a busy one has
-  `_WorkItem.run` on its stack.
+  An idle worker waits for its next task inside `WorkerPool._work`, so that
+  is its innermost Python frame; a busy one runs something deeper.
   """
   frames = sys._current_frames()
   busy = []
   for t in xcs_threads():
     f = frames.get(t.ident)
-    while f is not None:
-      code = f.f_code
-      if code.co_name == "run" and code.co_filename.endswith(_POOL_WORKER_FILE):
-        busy.append(t)
-        break
-      f = f.f_back
+    if f is not None and f.f_code is not WorkerPool._work.__code__:
+      busy.append(t)
   return busy
 
 

@@ -7,7 +7,7 @@ import pytest
 import xcs_jax
 from auth_echo_server import auth_echo_server, error_texts
 from xcs_jax import text
-from xcs_jax._src.executor import CallContext
+from xcs_jax.extend import CallContext
 from xcs_jax._src.providers import base
 from xcs_jax.models import bind
 
@@ -50,11 +50,11 @@ def test_a_rejected_key_never_appears_in_errors(keyed):
 
 
 def test_numeric_calls_name_the_provider_and_the_alternative(keyed):
-  m, provider = keyed(), base.get_provider("anthropic")
+  m, provider = keyed(), xcs_jax.current_runtime().provider("anthropic")
   with pytest.raises(NotImplementedError, match="anthropic.*local"):
-    provider.score_options(m, "Is it?", ("Yes.", "No."), CallContext(), None)
+    provider.score_options(m, "Is it?", ("Yes.", "No."), CallContext())
   with pytest.raises(NotImplementedError, match="anthropic.*local"):
-    provider.embed(m, "a text", CallContext(), None)
+    provider.embed(m, "a text", CallContext())
   with pytest.raises(NotImplementedError, match="anthropic"):
     provider.embedding_dim(m)
   if hasattr(m, "embed"):

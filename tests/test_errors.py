@@ -92,7 +92,7 @@ def test_failing_host_op_eager_and_jit():
 class _BrokenProvider(base.Provider):
   name = "test_broken"
 
-  def generate(self, binding, prompt, seed, ctx, deadline):
+  def generate(self, binding, prompt, seed, ctx):
     raise ConnectionError("connection refused")
 
 

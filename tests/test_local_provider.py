@@ -17,7 +17,8 @@ import pytest
 import xcs_jax
 from xcs_jax import text
 from xcs_jax._src.errors import XCSCancelledError, XCSTimeoutError
-from xcs_jax._src.executor import CallContext
+from xcs_jax._src.scope import Scope
+from xcs_jax.extend import CallContext
 from xcs_jax._src.models import ModelBinding
 from xcs_jax._src.providers import base, local
 from xcs_jax.models import bind
@@ -36,7 +37,7 @@ def _model(**params) -> ModelBinding:
 
 
 def _provider() -> local.LocalProvider:
-  return base.get_provider("local")
+  return xcs_jax.current_runtime().provider("local")
 
 
 # -- binding checks (no model run) ---------------------------------------------
@@ -135,11 +136,11 @@ def test_tiny_timeout_is_an_execution_error_chaining_timeout():
 @pytest.mark.local_model
 def test_cancellation_stops_generation_early():
   m = _model(max_tokens=400, timeout_s=None)
-  ctx = CallContext()
-  threading.Timer(0.2, ctx.cancel).start()
+  scope = Scope(xcs_jax.current_runtime())
+  threading.Timer(0.2, scope.cancel).start()
   start = time.monotonic()
   with pytest.raises(XCSCancelledError):
-    _provider().generate(m, "Write a long story about a dragon.", 0, ctx, None)
+    _provider().generate(m, "Write a long story about a dragon.", 0, CallContext(scope))
   assert time.monotonic() - start < 3
 
 
@@ -148,17 +149,17 @@ def test_cancellation_stops_generation_early():
 @pytest.mark.local_model
 def test_score_options_are_log_probs_deterministic_and_reuse_is_exact():
   provider, prompt = _provider(), "Is the sky blue? Answer yes or no."
-  reuse = provider.score_options(_model(), prompt, OPTIONS, CallContext(), None)
-  again = provider.score_options(_model(), prompt, OPTIONS, CallContext(), None)
+  reuse = provider.score_options(_model(), prompt, OPTIONS, CallContext())
+  again = provider.score_options(_model(), prompt, OPTIONS, CallContext())
   fresh = provider.score_options(_model(reuse_prompt_state=False), prompt, OPTIONS,
-                                 CallContext(), None)
+                                 CallContext())
   assert reuse.dtype == np.float32 and reuse.shape == (3,)
   assert np.isfinite(reuse).all() and (reuse <= 0).all()
   np.testing.assert_allclose(again, reuse, atol=1e-5)
   np.testing.assert_allclose(fresh, reuse, atol=1e-3)
   # An option's value does not depend on the other options asked with it.
   longer = provider.score_options(_model(), prompt, ("Yes.", "Yes. The sky is blue."),
-                                  CallContext(), None)
+                                  CallContext())
   assert longer[0] == pytest.approx(reuse[0], abs=1e-3)
 
 
@@ -171,7 +172,7 @@ def test_score_options_under_jit_and_vmap():
   scores = jax.jit(jax.vmap(lambda p: m.score_options(p, ("Yes.", "No."))))(prompts)
   assert scores.shape == (2, 2) and bool((scores <= 0).all())
   direct = _provider().score_options(m, "Is ice hot? Answer yes or no.", ("Yes.", "No."),
-                                     CallContext(), None)
+                                     CallContext())
   np.testing.assert_allclose(np.asarray(scores[1]), direct, atol=1e-5)
 
 
@@ -179,12 +180,12 @@ def test_score_options_under_jit_and_vmap():
 def test_embed_width_and_similarity_order():
   m, provider = _model(), _provider()
   texts = ["a cat sat on the mat", "a kitten sat on the rug", "quarterly tax filing deadline"]
-  vectors = np.stack([provider.embed(m, t, CallContext(), None) for t in texts])
+  vectors = np.stack([provider.embed(m, t, CallContext()) for t in texts])
   assert vectors.shape == (3, 576) and vectors.dtype == np.float32
   unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
   assert unit[0] @ unit[1] > unit[0] @ unit[2] + 0.05
   with pytest.raises(ValueError, match="empty"):
-    provider.embed(m, "", CallContext(), None)
+    provider.embed(m, "", CallContext())
 
 
 # -- score checks (no model) ----------------------------------------------------

@@ -83,7 +83,7 @@ class _KeyedProvider(base.Provider):
       raise ValueError(f"missing API key: set the environment variable "
                        f"{params['api_key_env']}")
 
-  def generate(self, binding, prompt, seed, ctx, deadline):
+  def generate(self, binding, prompt, seed, ctx):
     assert os.environ[binding.get("api_key_env")]  # reads the key, as a client would
     raise RuntimeError("server said: unauthorized")
 

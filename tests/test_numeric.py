@@ -43,7 +43,7 @@ class _OddProvider(base.Provider):
     with self._lock:
       self.calls += 1
 
-  def score_options(self, binding, prompt, options, ctx, deadline):
+  def score_options(self, binding, prompt, options, ctx):
     self._count()
     k = len(options)
     return {
@@ -61,7 +61,7 @@ class _OddProvider(base.Provider):
       self.dim_calls += 1
     return 3
 
-  def embed(self, binding, text_, ctx, deadline):
+  def embed(self, binding, text_, ctx):
     self._count()
     return {
         "ok": np.array([3.0, 0.0, 4.0]),
@@ -76,12 +76,12 @@ class _TextOnlyProvider(base.Provider):
 
   name = "numtest_textonly"
 
-  def generate(self, binding, prompt, seed, ctx, deadline):
+  def generate(self, binding, prompt, seed, ctx):
     return base.Completion(prompt)
 
 
-models.register_provider("numtest_odd", _OddProvider)
-models.register_provider("numtest_textonly", _TextOnlyProvider)
+xcs_jax.extend.register_provider("numtest_odd", _OddProvider)
+xcs_jax.extend.register_provider("numtest_textonly", _TextOnlyProvider)
 
 
 def _odd(mode):
@@ -150,7 +150,7 @@ def test_jit_vmap_and_nested_vmap_agree_with_eager():
 
 def test_batch_is_one_host_call_and_runs_concurrently(monkeypatch):
   """64 vmapped calls: one batched host call, all 64 in flight at once."""
-  provider = base.get_provider("fake")
+  provider = xcs_jax.current_runtime().provider("fake")
   for method in ("score_options", "embed"):
     rec = InFlight(parties=64)  # every call waits until 64 are in flight together
     original = getattr(type(provider), method)
@@ -170,7 +170,7 @@ def test_batch_is_one_host_call_and_runs_concurrently(monkeypatch):
 
 
 def test_xcs_jax_jit_runs_score_and_embed_calls_at_once(monkeypatch):
-  provider = base.get_provider("fake")
+  provider = xcs_jax.current_runtime().provider("fake")
   rec = InFlight(parties=2)  # each call waits until the other one is in flight
   for method in ("score_options", "embed"):
     original = getattr(type(provider), method)
@@ -188,7 +188,7 @@ def test_xcs_jax_jit_runs_score_and_embed_calls_at_once(monkeypatch):
 
 
 def test_concurrency_limit_bounds_calls_in_flight(monkeypatch):
-  provider = base.get_provider("fake")
+  provider = xcs_jax.current_runtime().provider("fake")
   rec = InFlight()
   original = type(provider).score_options
   monkeypatch.setattr(provider, "score_options",
@@ -221,7 +221,7 @@ def test_pmap_runs_score_and_embed_on_four_devices():
 
 
 def test_abstract_eval_does_not_call_the_model():
-  provider = base.get_provider("numtest_odd")
+  provider = xcs_jax.current_runtime().provider("numtest_odd")
   b = _odd("ok")
   before = provider.calls
   p = _prompts()
@@ -235,7 +235,7 @@ def test_abstract_eval_does_not_call_the_model():
 
 def test_unused_outputs_are_not_computed():
   """Like `jax.pure_callback`: a numeric call whose result is unused is removed."""
-  provider = base.get_provider("numtest_odd")
+  provider = xcs_jax.current_runtime().provider("numtest_odd")
   b = _odd("ok")
   before = provider.calls
   jax.jit(lambda x: (b.score_options(x, OPTS), x)[1])(_prompts())

@@ -21,10 +21,9 @@ import pytest
 import xcs_jax
 from auth_echo_server import auth_echo_server, error_texts
 from xcs_jax import text
-from xcs_jax._src.executor import CallContext
+from xcs_jax.extend import CallContext
 from xcs_jax._src.providers import base, local
-from xcs_jax._src.providers.openai import CHATML
-from xcs_jax.models import bind
+from xcs_jax.models import CHATML, bind
 
 openai = pytest.importorskip("openai")
 
@@ -88,7 +87,12 @@ def _chat(base_url, **params):
 
 
 def _provider():
-  return base.get_provider("openai")
+  return xcs_jax.current_runtime().provider("openai")
+
+
+def _on_loop(coro):
+  """Runs an async provider method's coroutine on the runtime's event loop."""
+  return xcs_jax.current_runtime().event_loop().run(coro, timeout_s=120)
 
 
 # -- against the real server --------------------------------------------------
@@ -109,10 +113,10 @@ def test_generation_under_jit_and_vmap(server_url):
 def test_score_options_match_the_local_models_exact_values(server_url):
   options = ("Yes.", "The sky is blue.")
   prompt = "Is the sky blue? Answer yes or no."
-  remote = _provider().score_options(_chat(server_url, score_template=CHATML), prompt,
-                                     options, CallContext(), None)
-  exact = base.get_provider("local").score_options(
-      bind("local:smollm2", system_prompt=SYSTEM), prompt, options, CallContext(), None)
+  remote = _on_loop(_provider().score_options(_chat(server_url, score_template=CHATML),
+                                              prompt, options, CallContext()))
+  exact = xcs_jax.current_runtime().provider("local").score_options(
+      bind("local:smollm2", system_prompt=SYSTEM), prompt, options, CallContext())
   assert remote.shape == (2,) and (remote <= 0).all()
   np.testing.assert_allclose(remote, exact, atol=1e-3)
 
@@ -120,8 +124,8 @@ def test_score_options_match_the_local_models_exact_values(server_url):
 @pytest.mark.server
 def test_score_options_without_template_is_a_clear_error(server_url):
   with pytest.raises(NotImplementedError, match="score_template"):
-    _provider().score_options(_chat(server_url), "Is it?", ("Yes.", "No."),
-                              CallContext(), None)
+    _on_loop(_provider().score_options(_chat(server_url), "Is it?", ("Yes.", "No."),
+                                       CallContext()))
   m = _chat(server_url)
   if hasattr(m, "score_options"):
     with pytest.raises(xcs_jax.XCSExecutionError, match="local"):
@@ -138,7 +142,7 @@ def test_embed_through_the_embeddings_endpoint(server_url):
   with pytest.raises(ValueError, match="embedding_dim"):  # never a call at trace time
     jax.make_jaxpr(unsized.embed)(text.encode(["x"], 8))
   texts = ["a cat sat on the mat", "a kitten sat on the rug", "quarterly tax filing deadline"]
-  vectors = np.stack([provider.embed(m, t, CallContext(), None) for t in texts])
+  vectors = np.stack([_on_loop(provider.embed(m, t, CallContext())) for t in texts])
   assert vectors.shape == (3, 576)
   unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
   assert unit[0] @ unit[1] > unit[0] @ unit[2] + 0.05
@@ -216,8 +220,9 @@ def test_a_key_never_travels_on_a_chained_sdk_error(monkeypatch):
 
 
 def test_each_endpoint_has_its_own_concurrency_limit():
-  from xcs_jax._src.models import GenerateOp
+  from xcs_jax._src.binding_ops import GenerateOp
   a = bind("openai:m", api_key_env=None, base_url="http://127.0.0.1:1/v1", concurrency=3)
   b = bind("openai:m", api_key_env=None, base_url="http://127.0.0.1:2/v1", concurrency=3)
-  assert GenerateOp(a).pool() is not GenerateOp(b).pool()
-  assert GenerateOp(a).pool() is GenerateOp(a.replace(seed=1)).pool()
+  rt = xcs_jax.current_runtime()
+  assert GenerateOp(a).limit(rt) != GenerateOp(b).limit(rt)
+  assert GenerateOp(a).limit(rt) == GenerateOp(a.replace(seed=1)).limit(rt)

@@ -32,3 +32,11 @@ class XCSTimeoutError(XCSError, TimeoutError):
 
 class XCSCancelledError(XCSError):
   """A host-side call was cancelled because a sibling call failed first."""
+
+
+class ProviderValueError(XCSError, ValueError):
+  """A provider returned numbers that cannot be right (NaN, > 0, wrong shape)."""
+
+
+class ProviderAPIError(XCSError, RuntimeError):
+  """An SDK error, re-raised with secrets removed from its text."""

@@ -1,168 +1,220 @@
-"""The one place with threads.
+"""The one place that starts threads: warm workers, limits, the event loop.
 
-Host calls run on one thread pool per (provider, concurrency limit): the pool's
-size *is* the limit, so however many batches are in flight, a provider never
-sees more than `limit` calls at once. Work that only waits on other work (a
-batched call gathering its items, a scheduler node) runs on the coordinator
-pool, so a waiting task never holds a provider slot (which could deadlock).
+- `WorkerPool`: warm, elastic worker threads owned by a runtime. It has no
+  fixed size that hung work could exhaust: a task that finds no idle worker
+  gets a new one, and idle workers end after a while.
+- `Limits`: concurrency limits by key (an endpoint, a host op), granted
+  first come, first served. A key exists only while something holds or waits
+  for it, so ops made anew on every call leave nothing behind.
+- `EventLoopThread`: the runtime's one asyncio loop, for async providers.
+- `Clock`: time as the runtime sees it (tests inject one).
 
-Every batch runs inside a `CallContext`: the first failure cancels the
-siblings that have not started, tells the running ones to stop (cooperative:
-providers sleep and poll through the context) and re-raises after all of them
-ended. No call is left running behind the caller's back.
+What runs on them, and how a failure cancels it, is `scope.py`.
 """
 from __future__ import annotations
 
+import asyncio
+import collections
 import concurrent.futures as cf
 import itertools
+import queue
 import threading
 import time
-from typing import Callable, Sequence, TypeVar
-
-from xcs_jax._src.errors import XCSCancelledError, XCSTimeoutError
-
-T = TypeVar("T")
-
-_COORDINATOR_WORKERS = 1024
-CANCEL_GRACE_S = 10.0
-"""After a failure, how long running siblings may take to notice cancellation."""
+from typing import Any, Callable
 
 
-class Pool(cf.ThreadPoolExecutor):
-  """A thread pool that knows its size, with as many call slots.
+class Clock:
+  """Time as the runtime sees it; tests inject one that does not sleep.
 
-  Every provider call holds a slot while it runs, whichever thread makes it
-  (a pool worker, an XLA callback thread, a user's thread calling eagerly),
-  so the limit holds for unbatched calls too.
+  `now()` is a `time.monotonic()`-like reading; `wait(event, seconds)` waits
+  up to `seconds` for `event` and says whether it was set.
   """
 
-  def __init__(self, size: int, name: str):
-    super().__init__(max_workers=size, thread_name_prefix=f"xcs-{name}")
-    self.size = size
-    self.slots = threading.BoundedSemaphore(size)
+  def now(self) -> float:
+    return time.monotonic()
+
+  def wait(self, event: threading.Event, seconds: float) -> bool:
+    return event.wait(max(0.0, seconds))
 
 
-_pools: dict[tuple[str, int], Pool] = {}
-_pools_lock = threading.Lock()
+REAL_CLOCK = Clock()
 
 
-class CallContext:
-  """Cancellation shared by the calls of one batch or one scheduled program,
-  and the seconds its calls took, summed."""
+class WorkerPool:
+  """Warm, elastic worker threads; the one kind of thread the library starts.
 
-  __slots__ = ("_cancelled", "_lock", "call_seconds")
+  `submit(fn)` runs `fn()` on an idle worker, or on a new one when none is
+  idle, so a worker stuck in a call that never returns never delays other
+  work. Idle workers end after `idle_s`.
+  """
 
-  def __init__(self) -> None:
-    self._cancelled = threading.Event()
+  def __init__(self, name: str = "xcs", idle_s: float = 30.0):
+    self._name = name
+    self._idle_s = idle_s
+    self._tasks: queue.SimpleQueue = queue.SimpleQueue()
     self._lock = threading.Lock()
-    self.call_seconds = 0.0
+    self._idle = 0           # workers waiting for a task that no one claimed
+    self._threads: set[threading.Thread] = set()
+    self._ids = itertools.count()
+    self._closed = False
 
-  def add_call_time(self, seconds: float) -> None:
+  def submit(self, fn: Callable[[], Any]) -> None:
     with self._lock:
-      self.call_seconds += seconds
+      if self._closed:
+        raise RuntimeError("this xcs_jax runtime is closed: make a new one with "
+                           "`xcs_jax.runtime()`, or use the default runtime.")
+      spawn = self._idle == 0
+      if not spawn:
+        self._idle -= 1      # this task is that idle worker's
+    self._tasks.put(fn)
+    if spawn:
+      t = threading.Thread(target=self._work, name=f"{self._name}-worker-{next(self._ids)}",
+                           daemon=True)
+      with self._lock:
+        self._threads.add(t)
+      t.start()
 
-  def cancel(self) -> None:
-    self._cancelled.set()
+  def submit_future(self, fn: Callable[[], Any]) -> cf.Future:
+    """`fn()` on a worker, as a `concurrent.futures.Future`."""
+    future: cf.Future = cf.Future()
+
+    def run():
+      if not future.set_running_or_notify_cancel():
+        return
+      try:
+        future.set_result(fn())
+      except BaseException as e:  # handed to whoever waits on the future
+        future.set_exception(e)
+    self.submit(run)
+    return future
+
+  def _work(self) -> None:
+    me = threading.current_thread()
+    try:
+      while True:
+        try:
+          fn = self._tasks.get(timeout=self._idle_s)
+        except queue.Empty:
+          with self._lock:
+            if self._idle > 0:   # no task is on its way to this worker
+              self._idle -= 1
+              return
+          continue
+        if fn is None:           # close()
+          return
+        fn()
+        del fn
+        with self._lock:
+          if self._closed:
+            return
+          self._idle += 1
+    finally:
+      with self._lock:
+        self._threads.discard(me)
 
   @property
-  def cancelled(self) -> bool:
-    return self._cancelled.is_set()
+  def threads(self) -> int:
+    with self._lock:
+      return len(self._threads)
 
-  def check(self) -> None:
-    """Raises `XCSCancelledError` if a sibling call already failed."""
-    if self._cancelled.is_set():
-      raise XCSCancelledError("cancelled: a sibling call failed first")
-
-  def sleep(self, seconds: float, *, deadline: float | None = None,
-            timeout_s: float | None = None) -> None:
-    """Sleeps `seconds`, waking early (and raising) on cancellation or deadline.
-
-    Args:
-      seconds: how long to sleep.
-      deadline: a `time.monotonic()` value; past it, raise `XCSTimeoutError`.
-      timeout_s: the timeout the deadline came from, for the message.
-    """
-    wake = time.monotonic() + seconds
-    if deadline is not None and deadline < wake:
-      if self._cancelled.wait(max(0.0, deadline - time.monotonic())):
-        self.check()
-      raise XCSTimeoutError(f"the call ran past its timeout of {timeout_s} s")
-    if self._cancelled.wait(max(0.0, wake - time.monotonic())):
-      self.check()
+  def close(self, timeout_s: float = 1.0) -> int:
+    """Stops idle workers; returns how many workers were still busy."""
+    with self._lock:
+      self._closed = True
+      idle, self._idle = self._idle, 0
+      threads = list(self._threads)
+    for _ in range(idle):
+      self._tasks.put(None)
+    end = time.monotonic() + timeout_s
+    for t in threads:
+      if t is not threading.current_thread():
+        t.join(max(0.0, end - time.monotonic()))
+    return sum(t.is_alive() for t in threads)
 
 
-def provider_pool(name: str, limit: int) -> Pool:
-  """The shared pool of provider `name` with `limit` workers."""
-  key = (name, int(limit))
-  pool = _pools.get(key)
-  if pool is None:
-    with _pools_lock:
-      pool = _pools.get(key)
-      if pool is None:
-        pool = Pool(key[1], name)
-        _pools[key] = pool
-  return pool
+class _Limit:
+  __slots__ = ("held", "waiting")
+
+  def __init__(self):
+    self.held = 0
+    self.waiting: collections.deque = collections.deque()
 
 
-def coordinator_pool() -> Pool:
-  """The pool for tasks that mostly wait on other tasks."""
-  return provider_pool("coordinator", _COORDINATOR_WORKERS)
+class Limits:
+  """Concurrency limits by key, granted first come, first served.
 
-
-def wait_all(futures: Sequence[cf.Future], ctx: CallContext) -> list:
-  """Results of `futures`, failing fast.
-
-  On the first exception: cancel the context and the futures not yet started,
-  wait (at most `CANCEL_GRACE_S`) for the running ones to end, and raise the
-  first real error (a sibling's `XCSCancelledError` only when nothing else
-  failed).
+  `request(key, limit, grant)` calls `grant()` now if fewer than `limit`
+  holders have `key`, else when a holder releases it. `grant()` returns
+  False to decline (its run was cancelled meanwhile); the slot then goes to
+  the next in line. One lock for every key, so a key can be dropped the
+  moment nothing holds or awaits it.
   """
-  try:
-    _, pending = cf.wait(futures, return_when=cf.FIRST_EXCEPTION)
-  except BaseException:  # KeyboardInterrupt: stop the siblings, then leave
-    ctx.cancel()
-    for f in futures:
-      f.cancel()
-    raise
-  if pending:
-    ctx.cancel()
-    for f in pending:
-      f.cancel()
-    # Cooperative calls stop at once; do not wait forever for one that does not.
-    cf.wait(pending, timeout=CANCEL_GRACE_S)
-  if any(f.cancelled() for f in futures):
-    ctx.cancel()
-  errors = [f.exception() for f in futures  # a call past the grace period is left
-            if f.done() and not f.cancelled() and f.exception() is not None]
-  real = [e for e in errors if not isinstance(e, XCSCancelledError)]
-  if real or errors:
-    raise (real or errors)[0]
-  if ctx.cancelled and any(f.cancelled() for f in futures):
-    raise XCSCancelledError("cancelled: a sibling call failed first")
-  return [f.result() for f in futures]
 
+  def __init__(self):
+    self._lock = threading.Lock()
+    self._by_key: dict[Any, _Limit] = {}
 
-def map_concurrent(fn: Callable[[int], T], n: int, *, pool: Pool,
-                   ctx: CallContext) -> list[T]:
-  """`[fn(0), ..., fn(n-1)]`, run concurrently on `pool`, failing fast.
-
-  Starts `min(n, pool size)` workers that each take the next index until
-  none is left (one future per worker, not per item: that is what keeps
-  the per-item cost near a bare `ThreadPoolExecutor.map`). After a failure
-  the workers stop taking items.
-  """
-  if n == 1:
-    return [fn(0)]
-  results: list = [None] * n
-  indices = itertools.count()  # next() is atomic under the GIL
-
-  def worker():
-    for i in indices:
-      if i >= n or ctx.cancelled:
+  def request(self, key: Any, limit: int, grant: Callable[[], bool]) -> None:
+    with self._lock:
+      entry = self._by_key.get(key)
+      if entry is None:
+        entry = self._by_key[key] = _Limit()
+      if entry.held >= limit:
+        entry.waiting.append(grant)
         return
-      results[i] = fn(i)
+      entry.held += 1
+    if not grant():
+      self.release(key)
 
-  wait_all([pool.submit(worker) for _ in range(min(n, pool.size))], ctx)
-  if ctx.cancelled:  # cancelled from outside: some items never ran
-    ctx.check()
-  return results
+  def release(self, key: Any) -> None:
+    while True:
+      with self._lock:
+        entry = self._by_key[key]
+        if not entry.waiting:
+          entry.held -= 1
+          if entry.held == 0:
+            del self._by_key[key]
+          return
+        grant = entry.waiting.popleft()
+      if grant():
+        return
+
+  def held(self, key: Any) -> int:
+    with self._lock:
+      entry = self._by_key.get(key)
+      return entry.held if entry is not None else 0
+
+  def __len__(self) -> int:
+    with self._lock:
+      return len(self._by_key)
+
+
+class EventLoopThread:
+  """One asyncio event loop on a thread of its own, for async providers."""
+
+  def __init__(self, name: str = "xcs"):
+    self.loop = asyncio.new_event_loop()
+    self._thread = threading.Thread(target=self.loop.run_forever, name=f"{name}-loop",
+                                    daemon=True)
+    self._thread.start()
+
+  def run(self, coro, timeout_s: float | None = None) -> Any:
+    """Runs `coro` on the loop and waits for its result (not from the loop)."""
+    return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
+
+  def close(self, timeout_s: float = 1.0) -> None:
+    async def cancel_all():
+      tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+      for t in tasks:
+        t.cancel()
+      await asyncio.wait(tasks, timeout=timeout_s) if tasks else None
+      await self.loop.shutdown_asyncgens()
+    if self.loop.is_running():
+      try:
+        self.run(cancel_all(), timeout_s + 1.0)
+      except Exception:  # noqa: BLE001 - closing: nothing left to report to
+        pass
+      self.loop.call_soon_threadsafe(self.loop.stop)
+      self._thread.join(timeout_s)
+    if not self._thread.is_alive():
+      self.loop.close()

@@ -1,19 +1,16 @@
 """`host_op`: any Python host function as a JAX primitive."""
 from __future__ import annotations
 
-import concurrent.futures as cf
 import dataclasses
 import functools
-import time
 from typing import Any, Callable
 
 import jax
 import numpy as np
 
 from xcs_jax._src import grad as grad_lib
-from xcs_jax._src.errors import XCSTimeoutError
-from xcs_jax._src.executor import CallContext, coordinator_pool, provider_pool
 from xcs_jax._src.primitives import HostCallOp, bind_host_call, make_host_primitive
+from xcs_jax._src.scope import Job
 from xcs_jax._src.source import user_source
 
 host_op_p = make_host_primitive("xcs_host_op")
@@ -57,6 +54,10 @@ class HostFnOp(HostCallOp):
   grad: grad_lib.Estimator | None = None
 
   kind = "host_op"
+  # Python cannot stop a running function: past its timeout the call fails
+  # and the function is abandoned; its limit slot is free for the next call.
+  hard_timeout = True
+  release_on_abandon = True
 
   def describe(self) -> str:
     return self.name
@@ -69,8 +70,13 @@ class HostFnOp(HostCallOp):
             "(jax.hessian, grad of grad). Differentiate once, or estimate the "
             "second derivative from first derivatives in your own code.")
 
-  def pool(self):
-    return provider_pool(f"host_op:{self.name}", self.concurrency)
+  def limit(self, runtime):
+    # Keyed by the function itself: two ops never share a limit by name, and
+    # a key lives only while calls hold it (a lambda made per call leaks nothing).
+    return (("host_op", self.fn, self.concurrency), self.concurrency)
+
+  def call_timeout_s(self):
+    return self.timeout_s
 
   def out_tree(self, in_avals):
     return _out_tree(self, tuple((tuple(a.shape), np.dtype(a.dtype)) for a in in_avals))
@@ -87,17 +93,6 @@ class HostFnOp(HostCallOp):
 
   def out_avals(self, in_avals):
     return self.out_tree(in_avals)[0]
-
-  def _call(self, args):
-    if self.timeout_s is None:
-      return self.fn(*args)
-    future = coordinator_pool().submit(self.fn, *args)
-    try:
-      return future.result(timeout=self.timeout_s)
-    except cf.TimeoutError:
-      # Python cannot stop a running function: it finishes in the background.
-      raise XCSTimeoutError(
-          f"{self.describe()} ran past its timeout of {self.timeout_s} s") from None
 
   def _check_outputs(self, result, specs, treedef, batch: int | None):
     leaves, got_tree = jax.tree_util.tree_flatten(result)
@@ -116,34 +111,37 @@ class HostFnOp(HostCallOp):
       outs.append(x.astype(s.dtype, copy=False))
     return outs
 
-  def run_example(self, ctx: CallContext, *inputs):
+  def call_example(self, runtime, ctx, inputs):
     ctx.check()
     specs, treedef = self.out_tree(inputs)
     args = jax.tree_util.tree_unflatten(self.in_treedef, list(inputs))
-    return self._check_outputs(self._call(args), specs, treedef, None)
+    return self._check_outputs(self.fn(*args), specs, treedef, None)
 
-  def run_single(self, ctx, inputs, source, index=None):
+  def start_batch(self, scope, inputs, in_batched, n, source, on_done=None):
     if not self.vectorized:
-      return super().run_single(ctx, inputs, source, index)
-    outs = self.run_batch(ctx, [x[None] for x in inputs], [True] * len(inputs), 1, source)
-    return [o[0] for o in outs]
-
-  def run_batch(self, ctx, inputs, in_batched, n, source):
-    if not self.vectorized:
-      return super().run_batch(ctx, inputs, in_batched, n, source)
+      return super().start_batch(scope, inputs, in_batched, n, source, on_done)
     full = [x if b else np.broadcast_to(x, (n,) + x.shape)
             for x, b in zip(inputs, in_batched)]
-    example = [x[0] for x in full]
-    specs, treedef = self.out_tree(example)
+    specs, treedef = self.out_tree([x[0] for x in full])
     args = jax.tree_util.tree_unflatten(self.in_treedef, full)
-    start = time.perf_counter()
-    try:
-      with self.pool().slots:
-        return self._check_outputs(self._call(args), specs, treedef, n)
-    except Exception as e:
-      raise self.execution_error(e, source) from e
-    finally:
-      ctx.add_call_time(time.perf_counter() - start)
+
+    def whole_batch(i, ctx):  # one call of `fn` on the whole batch
+      ctx.check()
+      return self._check_outputs(self.fn(*args), specs, treedef, n)
+
+    def wrap_error(error, i):
+      return self.execution_error(error, source if not isinstance(source, tuple)
+                                  else source[0])
+
+    key, limit = self.limit(scope.runtime)
+    return Job(scope, 1, whole_batch, limit_key=key, limit=limit,
+               timeout_s=self.timeout_s, hard_timeout=True, release_on_abandon=True,
+               wrap_error=wrap_error, on_done=on_done, hooks=self).start()
+
+  def collect(self, job):
+    if not self.vectorized:
+      return super().collect(job)
+    return job.results[0]
 
 
 @functools.lru_cache(maxsize=4096)

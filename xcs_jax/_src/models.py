@@ -3,22 +3,21 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import math
 import types
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from xcs_jax._src import numeric
 from xcs_jax._src import text as text_lib
-from xcs_jax._src.executor import CallContext, provider_pool
-from xcs_jax._src.primitives import HostCallOp, bind_host_call, make_host_primitive
+from xcs_jax._src.binding_ops import GenerateOp, concurrency_of, generate_p, provider_of
+from xcs_jax._src.primitives import bind_host_call
 from xcs_jax._src.providers import base
+from xcs_jax._src.runtime import current_runtime
 from xcs_jax._src.source import user_source
-
-generate_p = make_host_primitive("xcs_generate")
+from xcs_jax._src.usage import Usage
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,20 +59,21 @@ class ModelBinding:
     return bind(f"{self.provider}:{self.model}", **{**self.options, **params})
 
   def __str__(self) -> str:
-    defaults = {**base.COMMON_PARAMS, **base.get_provider(self.provider).params}
+    defaults = {**base.COMMON_PARAMS, **provider_of(self).params}
     changed = ", ".join(f"{k}={v!r}" for k, v in self.params if defaults.get(k) != v)
     return f"{self.provider}:{self.model}" + (f"({changed})" if changed else "")
 
   def __repr__(self) -> str:
     return f"ModelBinding({str(self)!r})"
 
-  def usage(self) -> base.Usage:
-    """Calls, errors, retries, tokens and seconds spent by this binding so far."""
-    return base.USAGE.get(self)
+  def usage(self) -> Usage:
+    """This binding's usage in the current runtime: calls, errors, retries,
+    cancelled, abandoned, tokens and seconds."""
+    return current_runtime().usage.get(self)
 
   def concurrency(self) -> int:
-    c = self.get("concurrency")
-    return int(c) if c is not None else base.get_provider(self.provider).concurrency(self)
+    """Calls in flight at once (the binding's `concurrency`, or its provider's)."""
+    return concurrency_of(self)
 
   def __call__(self, prompts: jax.typing.ArrayLike, *, key: jax.Array | None = None
                ) -> jax.Array:
@@ -130,7 +130,6 @@ class ModelBinding:
       XCSExecutionError: the provider failed, cannot score, or returned values
         that are not log-probabilities (NaN, infinite, positive).
     """
-    from xcs_jax._src import numeric  # numeric builds on this module
     return numeric.score_options(self, prompts, options)
 
   def embed(self, texts: jax.typing.ArrayLike, *, normalize: bool = True) -> jax.Array:
@@ -144,7 +143,6 @@ class ModelBinding:
       NotImplementedError: the binding's model cannot embed (at trace time).
       XCSExecutionError: the provider failed or returned bad values.
     """
-    from xcs_jax._src import numeric  # numeric builds on this module
     return numeric.embed(self, texts, normalize=normalize)
 
 
@@ -156,65 +154,6 @@ def _key_data(key) -> jax.Array:
     raise TypeError(f"`key` must be a JAX PRNG key (`jax.random.key(0)` or "
                     f"`jax.random.PRNGKey(0)`); got dtype {key.dtype}, shape {key.shape}.")
   return key
-
-
-def seed_from_key(key_data: np.ndarray | None, default: int) -> int:
-  """A 31-bit seed derived from PRNG key data (or `default` without a key)."""
-  if key_data is None:
-    return int(default)
-  digest = hashlib.blake2b(np.ascontiguousarray(key_data).tobytes(), digest_size=4)
-  return int.from_bytes(digest.digest(), "little") & 0x7FFFFFFF
-
-
-@dataclasses.dataclass(frozen=True)
-class BindingOp(HostCallOp):
-  """A host call made through a model binding's provider."""
-
-  binding: ModelBinding
-
-  def pool(self):
-    scope = base.get_provider(self.binding.provider).limit_scope(self.binding)
-    return provider_pool(scope, self.binding.concurrency())
-
-  def describe(self) -> str:
-    return str(self.binding)
-
-  def provider(self) -> base.Provider:
-    return base.get_provider(self.binding.provider)
-
-  def call_provider(self, ctx: CallContext, request):
-    """`request(provider, deadline)` with the binding's retries, timeout and usage."""
-    provider = self.provider()
-    return base.timed_call(self.binding, lambda deadline: request(provider, deadline), ctx)
-
-
-@dataclasses.dataclass(frozen=True)
-class GenerateOp(BindingOp):
-  kind = "generate"
-
-  def out_avals(self, in_avals):
-    return [jax.ShapeDtypeStruct((int(self.binding.get("output_bytes")),), jnp.uint8)]
-
-  def run_example(self, ctx: CallContext, prompt, key_data=None):
-    b = self.binding
-    prompt_text = text_lib.decode_one(prompt)
-    seed = seed_from_key(key_data, b.get("seed"))
-    completion = self.call_provider(
-        ctx, lambda p, deadline: p.generate(b, prompt_text, seed, ctx, deadline))
-    return [encode_answer(completion.text, b)]
-
-
-def encode_answer(answer: str, binding: ModelBinding) -> np.ndarray:
-  capacity = int(binding.get("output_bytes"))
-  truncate = binding.get("overflow") == "truncate"
-  try:
-    return text_lib.encode_one(answer.replace("\x00", ""), capacity, truncate=truncate,
-                               what="answer")
-  except ValueError as e:
-    raise ValueError(
-        f"the model's answer is {len(answer.encode())} UTF-8 bytes, more than the "
-        f"binding's `output_bytes={capacity}`: bind with a larger `output_bytes`, "
-        "or with `overflow='truncate'` to cut answers at a character boundary.") from e
 
 
 def bind(spec: str, **params: Any) -> ModelBinding:
@@ -243,7 +182,7 @@ def bind(spec: str, **params: Any) -> ModelBinding:
     raise ValueError(f"`spec` must be \"provider:model\" (e.g. \"local:smollm2\"); "
                      f"got {spec!r}.")
   provider_name, model = spec.split(":", 1)
-  provider = base.get_provider(provider_name)
+  provider = current_runtime().provider(provider_name)
   known = {**base.COMMON_PARAMS, **provider.params}
   unknown = sorted(set(params) - set(known))
   if unknown:

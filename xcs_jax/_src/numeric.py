@@ -27,23 +27,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from xcs_jax._src import text as text_lib
-from xcs_jax._src.executor import CallContext
-from xcs_jax._src.models import BindingOp, ModelBinding
+from xcs_jax._src.binding_ops import BindingOp, provider_of
+from xcs_jax._src.errors import ProviderValueError
 from xcs_jax._src.primitives import bind_host_call, make_host_primitive
 from xcs_jax._src.providers import base
+from xcs_jax._src.providers.base import LOGPROB_ROUNDING_TOL
 from xcs_jax._src.source import user_source
 
 score_options_p = make_host_primitive("xcs_score_options")
 embed_p = make_host_primitive("xcs_embed")
-
-# Summing per-token log-probabilities in float32 can round a certain option's
-# total a hair above zero; up to this much is read as 0, anything more is an
-# error.
-LOGPROB_ROUNDING_TOL = 1e-4
-
-
-class ProviderValueError(ValueError):
-  """A provider returned numbers that cannot be right (NaN, > 0, wrong shape)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,17 +45,16 @@ class ScoreOptionsOp(BindingOp):
   options: tuple[str, ...]
 
   kind = "score_options"
+  method = "score_options"
 
   def out_avals(self, in_avals):
     return [jax.ShapeDtypeStruct((len(self.options),), jnp.float32)]
 
-  def run_example(self, ctx: CallContext, prompt):
-    b = self.binding
-    prompt_text = text_lib.decode_one(prompt)
-    values = self.call_provider(
-        ctx, lambda p, deadline: p.score_options(b, prompt_text, self.options, ctx,
-                                                 deadline))
-    return [check_log_probs(values, self.options, b)]
+  def request_args(self, inputs):
+    return (text_lib.decode_one(inputs[0]), self.options)
+
+  def outputs(self, value):
+    return [check_log_probs(value, self.options, self.binding)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,15 +64,17 @@ class EmbedOp(BindingOp):
   normalize: bool = True
 
   kind = "embed"
+  method = "embed"
 
   def out_avals(self, in_avals):
     return [jax.ShapeDtypeStruct((embedding_dim(self.binding),), jnp.float32)]
 
-  def run_example(self, ctx: CallContext, text):
-    b = self.binding
-    text_str = text_lib.decode_one(text)
-    values = self.call_provider(ctx, lambda p, deadline: p.embed(b, text_str, ctx, deadline))
-    return [check_embedding(values, embedding_dim(b), self.normalize, b)]
+  def request_args(self, inputs):
+    return (text_lib.decode_one(inputs[0]),)
+
+  def outputs(self, value):
+    return [check_embedding(value, embedding_dim(self.binding), self.normalize,
+                            self.binding)]
 
 
 def check_options(options: Any) -> tuple[str, ...]:
@@ -111,7 +104,7 @@ def check_options(options: Any) -> tuple[str, ...]:
 
 
 def check_log_probs(values: Any, options: tuple[str, ...],
-                    binding: ModelBinding) -> np.ndarray:
+                    binding) -> np.ndarray:
   """Provider log-probabilities as float32 `[K]`, or ProviderValueError."""
   who = f"provider `{binding.provider}` ({binding})"
   try:
@@ -133,7 +126,7 @@ def check_log_probs(values: Any, options: tuple[str, ...],
 
 
 def check_embedding(values: Any, dim: int, normalize: bool,
-                    binding: ModelBinding) -> np.ndarray:
+                    binding) -> np.ndarray:
   """A provider embedding as float32 `[dim]` (unit norm if `normalize`)."""
   who = f"provider `{binding.provider}` ({binding})"
   try:
@@ -156,9 +149,9 @@ def check_embedding(values: Any, dim: int, normalize: bool,
   return arr.astype(np.float32)
 
 
-def embedding_dim(binding: ModelBinding) -> int:
+def embedding_dim(binding) -> int:
   """D of `binding.embed`, from the provider, without calling the model."""
-  provider = base.get_provider(binding.provider)
+  provider = provider_of(binding)
   try:
     dim = provider.embedding_dim(binding)
   except NotImplementedError as e:
@@ -171,13 +164,13 @@ def embedding_dim(binding: ModelBinding) -> int:
   return int(dim)
 
 
-def check_can_score(binding: ModelBinding) -> None:
+def check_can_score(binding) -> None:
   """A clear error at trace time if the provider has no `score_options` at all.
 
   (A provider that can score only on some endpoints raises its own error when
   called.)
   """
-  provider = base.get_provider(binding.provider)
+  provider = provider_of(binding)
   if type(provider).score_options is base.Provider.score_options:
     raise NotImplementedError(
         f"`{binding}.score_options(...)`: provider `{binding.provider}` cannot give "
@@ -192,7 +185,7 @@ def _prepare_text(x: Any, what: str) -> tuple[jax.Array, int]:
   return x, x.ndim - 1
 
 
-def score_options(binding: ModelBinding, prompts: jax.typing.ArrayLike,
+def score_options(binding, prompts: jax.typing.ArrayLike,
                   options: tuple[str, ...]) -> jax.Array:
   """See `ModelBinding.score_options`."""
   options = check_options(options)
@@ -204,7 +197,7 @@ def score_options(binding: ModelBinding, prompts: jax.typing.ArrayLike,
   return out
 
 
-def embed(binding: ModelBinding, texts: jax.typing.ArrayLike, *,
+def embed(binding, texts: jax.typing.ArrayLike, *,
           normalize: bool = True) -> jax.Array:
   """See `ModelBinding.embed`."""
   if not isinstance(normalize, bool):

@@ -22,7 +22,7 @@ JUDGE_TEMPLATE = (
     "Considering the candidates, write the single best final answer to the question.")
 
 # Bytes ignored when comparing answers at their ends: NUL, tab, newline, space, '!', '.'.
-_STRIP = jnp.array([0, 9, 10, 13, 32, 33, 46], jnp.uint8)
+_STRIP = np.array([0, 9, 10, 13, 32, 33, 46], np.uint8)  # numpy: no backend at import
 
 
 def ensemble(binding: ModelBinding, prompts: jax.Array, *, n: int, key: jax.Array

@@ -28,17 +28,16 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
-import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from xcs_jax._src import compat
-from xcs_jax._src.errors import (XCSCancelledError, XCSExecutionError,
-                                 XCSError)
-from xcs_jax._src.executor import CallContext, map_concurrent
+from xcs_jax._src.errors import XCSExecutionError, XCSError
+from xcs_jax._src.runtime import Runtime, TraceRuntime, current_runtime
+from xcs_jax._src.scope import CallContext, Job, Scope, run_job
 
 HOST_PRIMITIVES: set = set()
 """Every primitive that calls the host; passes classify eqns by membership."""
@@ -48,57 +47,102 @@ class HostCallOp:
   """Static description of one kind of host call; the primitive's `op` param.
 
   Subclasses are frozen dataclasses (hashable, compared by value) and define
-  `kind`, `out_avals`, `run_example`, `pool` and `describe`.
+  `kind`, `out_avals`, `describe` and `call_example` (or `acall_example` with
+  `is_async`), and may set the limit, timeout and usage hooks below.
   """
 
   kind: str = "host_call"
+  hard_timeout: bool = False        # calls cannot stop themselves at their deadline
+  release_on_abandon: bool = False  # an abandoned call frees its limit slot at once
 
   def out_avals(self, in_avals: Sequence[jax.ShapeDtypeStruct]
                 ) -> Sequence[jax.ShapeDtypeStruct]:
     raise NotImplementedError
 
-  def run_example(self, ctx: CallContext, *inputs: np.ndarray) -> Sequence[np.ndarray]:
-    raise NotImplementedError
-
-  def pool(self):
-    raise NotImplementedError
-
   def describe(self) -> str:
     raise NotImplementedError
 
-  def run_single(self, ctx: CallContext, inputs: Sequence[np.ndarray], source: str,
-                 index: int | None = None) -> Sequence[np.ndarray]:
-    """One call on one example, its failure wrapped in `XCSExecutionError`."""
-    ctx.check()
-    start = time.perf_counter()
-    try:
-      with self.pool().slots:  # the provider's concurrency limit
-        return self.run_example(ctx, *inputs)
-    except XCSCancelledError:
-      raise
-    except Exception as e:
-      raise self.execution_error(e, source, index=index) from e
-    finally:
-      ctx.add_call_time(time.perf_counter() - start)
+  def call_example(self, runtime: Runtime, ctx: CallContext,
+                   inputs: Sequence[np.ndarray]) -> Sequence[np.ndarray]:
+    """One call on one example (sync); numpy in, numpy out."""
+    raise NotImplementedError
 
-  def run_batch(self, ctx: CallContext, inputs: Sequence[np.ndarray],
-                in_batched: Sequence[bool], n: int, source: str) -> list[np.ndarray]:
-    """Runs `n` examples concurrently; batched inputs have a leading axis `n`."""
-    def one(i):
-      example = [x[i] if b else x for x, b in zip(inputs, in_batched)]
-      if isinstance(source, tuple):  # call sites batched by xcs_jax.jit: their own lines
-        return self.run_single(ctx, example, source[i])
-      return self.run_single(ctx, example, source, index=i if n > 1 else None)
-    results = map_concurrent(one, n, pool=self.pool(), ctx=ctx)
-    return [np.stack([r[k] for r in results]) for k in range(len(results[0]))]
+  async def acall_example(self, runtime: Runtime, ctx: CallContext,
+                          inputs: Sequence[np.ndarray]) -> Sequence[np.ndarray]:
+    """One call on one example, for ops whose `is_async(runtime)` is True."""
+    raise NotImplementedError
+
+  def is_async(self, runtime: Runtime) -> bool:
+    return False
+
+  def limit(self, runtime: Runtime) -> tuple[Any, int] | None:
+    """(key, limit): the concurrency limit this op's calls hold, or None."""
+    return None
+
+  def call_timeout_s(self) -> float | None:
+    """Each call's timeout, counted from when it starts."""
+    return None
+
+  def record_abandoned(self, runtime: Runtime, n: int) -> None:
+    """Usage hook: `n` running calls were abandoned."""
+
+  def record_dropped(self, runtime: Runtime, n: int) -> None:
+    """Usage hook: `n` queued calls never started (their run failed first)."""
+
+  # Usage hooks under the names `Job` calls.
+  def abandoned(self, runtime, n):
+    self.record_abandoned(runtime, n)
+
+  def dropped(self, runtime, n):
+    self.record_dropped(runtime, n)
+
+  def start_batch(self, scope: Scope, inputs: Sequence[np.ndarray],
+                  in_batched: Sequence[bool], n: int, source: Any,
+                  on_done: Callable[[Job], None] | None = None) -> Job:
+    """Starts `n` examples in `scope`; batched inputs have a leading axis `n`.
+
+    `source` is the user's line, or a tuple of lines (one per example) for
+    call sites that `xcs_jax.jit` batched together.
+    """
+    runtime = scope.runtime
+    is_async = self.is_async(runtime)
+
+    def example(i):
+      return [x[i] if b else x for x, b in zip(inputs, in_batched)]
+
+    if is_async:
+      async def item(i, ctx):
+        return await self.acall_example(runtime, ctx, example(i))
+    else:
+      def item(i, ctx):
+        return self.call_example(runtime, ctx, example(i))
+
+    def wrap_error(error, i):
+      if isinstance(source, tuple):
+        return self.execution_error(error, source[i])
+      return self.execution_error(error, source, index=i if n > 1 else None)
+
+    key_limit = self.limit(runtime)
+    key, limit = key_limit if key_limit is not None else (None, None)
+    return Job(scope, n, item, limit_key=key, limit=limit, timeout_s=self.call_timeout_s(),
+               hard_timeout=self.hard_timeout, release_on_abandon=self.release_on_abandon,
+               is_async=is_async, wrap_error=wrap_error, on_done=on_done,
+               hooks=self).start()
+
+  def collect(self, job: Job) -> list[np.ndarray]:
+    """The outputs of a finished batch, each with a leading axis `n`."""
+    results = job.results
+    return [np.stack([np.asarray(r[k]) for r in results]) for k in range(len(results[0]))]
 
   def execution_error(self, error: BaseException, source: str,
                       index: int | None = None) -> XCSExecutionError:
     where = f" (batch item {index})" if index is not None else ""
-    return XCSExecutionError(
+    e = XCSExecutionError(
         f"{self.kind} call to {self.describe()} failed{where}, called at "
         f"{source}: {type(error).__name__}: {error}",
         op=self.kind, binding=self.describe(), source=source)
+    e.__cause__ = error
+    return e
 
   def no_gradient_message(self) -> str:
     return (f"xcs_jax: `{self.kind}` ({self.describe()}) has no gradient rule, "
@@ -119,24 +163,47 @@ def _batch_shape(shapes: Sequence[tuple], batch_ndim: int,
   return ()
 
 
-def run_host_call(op: HostCallOp, batch_ndim: int, in_batched: tuple, source: str,
-                  *args: Any, ctx: CallContext | None = None) -> list[np.ndarray]:
-  """Runs a (possibly batched) host call on concrete arrays; numpy out.
+class HostCall:
+  """One (possibly batched) host call on concrete arrays, ready to start."""
 
-  `ctx` lets a caller that runs many calls (the scheduler) cancel them all.
+  __slots__ = ("op", "batch_shape", "n", "flat", "in_batched", "source", "arrays",
+               "batch_ndim")
+
+  def __init__(self, op: HostCallOp, batch_ndim: int, in_batched: tuple, source: Any,
+               args: Sequence[Any]):
+    self.op, self.in_batched, self.source, self.batch_ndim = op, in_batched, source, batch_ndim
+    self.arrays = [np.asarray(a) for a in args]
+    self.batch_shape = _batch_shape([a.shape for a in self.arrays], batch_ndim, in_batched)
+    self.n = math.prod(self.batch_shape)
+    if batch_ndim == 0:  # one call: a batch of one, unbatched inputs as they are
+      self.flat, self.in_batched = self.arrays, tuple(False for _ in self.arrays)
+    else:
+      self.flat = [a.reshape((self.n,) + a.shape[batch_ndim:]) if b else a
+                   for a, b in zip(self.arrays, in_batched)]
+
+  def start(self, scope: Scope, on_done: Callable[[Job], None] | None = None) -> Job:
+    return self.op.start_batch(scope, self.flat, self.in_batched, self.n, self.source,
+                               on_done)
+
+  def outputs(self, job: Job) -> list[np.ndarray]:
+    if self.n == 0:  # an empty batch: nothing was called
+      return [np.zeros(self.batch_shape + tuple(o.shape), o.dtype) for o in
+              _example_out_avals(self.op, self.arrays, self.batch_ndim, self.in_batched)]
+    outs = self.op.collect(job)
+    return [o.reshape(self.batch_shape + o.shape[1:]) for o in outs]
+
+
+def run_host_call(op: HostCallOp, batch_ndim: int, in_batched: tuple, source: Any,
+                  *args: Any, runtime: Runtime | None = None) -> list[np.ndarray]:
+  """Runs a (possibly batched) host call on concrete arrays and waits; numpy out.
+
+  The call runs in a scope of its own on `runtime` (default: the current one).
   """
-  arrays = [np.asarray(a) for a in args]
-  if batch_ndim == 0:  # one call: no batch to split and stack
-    return [np.asarray(o) for o in op.run_single(ctx or CallContext(), arrays, source)]
-  batch_shape = _batch_shape([a.shape for a in arrays], batch_ndim, in_batched)
-  n = math.prod(batch_shape)
-  flat = [a.reshape((n,) + a.shape[batch_ndim:]) if b else a
-          for a, b in zip(arrays, in_batched)]
-  outs = op.run_batch(ctx or CallContext(), flat, in_batched, n, source) if n else None
-  if outs is None:  # an empty batch: nothing to call
-    outs = [np.zeros((0,) + tuple(o.shape), o.dtype)
-            for o in _example_out_avals(op, arrays, batch_ndim, in_batched)]
-  return [o.reshape(batch_shape + o.shape[1:]) for o in outs]
+  call = HostCall(op, batch_ndim, in_batched, source, args)
+  scope = Scope(runtime or current_runtime())
+  job = call.start(scope)
+  run_job(job)
+  return call.outputs(job)
 
 
 def _example_out_avals(op, avals, batch_ndim, in_batched):
@@ -159,9 +226,10 @@ def _impl(*args, op, batch_ndim, in_batched, source):
 
 def _lowering(ctx, *args, op, batch_ndim, in_batched, source):
   result_shapes = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in ctx.avals_out]
+  runtime = TraceRuntime()  # XLA's threads do not see the caller's context
 
   def host(*xs):
-    return run_host_call(op, batch_ndim, in_batched, source, *xs)
+    return run_host_call(op, batch_ndim, in_batched, source, *xs, runtime=runtime.get())
 
   def via_callback(*xs):
     return jax.experimental.io_callback(host, result_shapes, *xs, ordered=False)

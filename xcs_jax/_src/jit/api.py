@@ -1,6 +1,7 @@
 """`xcs_jax.jit`: JAX traces, XCS passes split, the scheduler runs calls concurrently."""
 from __future__ import annotations
 
+import asyncio
 import collections
 import functools
 import inspect
@@ -13,11 +14,12 @@ import jax
 import numpy as np
 
 from xcs_jax._src import compat
-from xcs_jax._src.primitives import watch_host_calls
 from xcs_jax._src.jit.explain import render_plan
 from xcs_jax._src.jit.plan import Plan, build_plan
-from xcs_jax._src.executor import CallContext
-from xcs_jax._src.jit.scheduler import run_plan
+from xcs_jax._src.jit.scheduler import RunLimit, run_plan
+from xcs_jax._src.primitives import watch_host_calls
+from xcs_jax._src.runtime import Runtime, current_runtime
+from xcs_jax._src.scope import Scope
 
 DEFAULT_CACHE_SIZE = 64
 
@@ -199,7 +201,7 @@ class JitFunction:
             f"({type(e).__name__}: Python control flow or numpy on a traced value, e.g. "
             "on a model's answer), so it runs the function directly, one call at a time. "
             "Use lax.cond / lax.switch / host_op to keep it traceable.",
-            RuntimeWarning, stacklevel=4)
+            RuntimeWarning, stacklevel=5)
       return _Entry(None, _FALLBACK)
     # Under max_concurrency a batched call would count as one call: keep call sites apart.
     plan = build_plan(closed, batch_calls=self.max_concurrency is None)
@@ -248,6 +250,36 @@ class JitFunction:
 
   # --- calling --------------------------------------------------------------
   def __call__(self, *args, **kwargs):
+    return self._call(current_runtime(), None, args, kwargs)
+
+  async def call_async(self, *args, **kwargs):
+    """Awaitable form of calling the function, for async applications.
+
+    The run happens on a worker of the current runtime, so the caller's event
+    loop is never blocked; cancelling the awaiting task cancels the run (its
+    queued calls never start, its running calls are told to stop).
+
+    Examples:
+      >>> answers = await f.call_async(prompts)    # inside `async def`
+    """
+    runtime = current_runtime()
+    scope = Scope(runtime)
+
+    def run():
+      token = runtime._make_current()  # eager parts (a fallback) see it too
+      try:
+        return self._call(runtime, scope, args, kwargs)
+      finally:
+        runtime._reset_current(token)
+
+    future = runtime.pool.submit_future(run)
+    try:
+      return await asyncio.wrap_future(future)
+    except asyncio.CancelledError:
+      scope.cancel("the awaiting task was cancelled")
+      raise
+
+  def _call(self, runtime: Runtime, scope: Scope | None, args, kwargs):
     if self._tensor_only:
       try:
         out = self._jax_jit(*args, **kwargs)
@@ -272,16 +304,23 @@ class JitFunction:
       out = self._jax_jit(*args, **kwargs)
       self._record(start, None, entry.plan)
       return out
-    ctx = CallContext()
-    limit = threading.Semaphore(self.max_concurrency) if self.max_concurrency else None
-    outs = run_plan(entry.plan, leaves, ctx=ctx, limit=limit)
-    self._record(start, ctx, entry.plan)
+    scope = scope or Scope(runtime)
+    run_limit = RunLimit(self.max_concurrency) if self.max_concurrency else None
+    try:
+      outs = run_plan(entry.plan, leaves, scope=scope, run_limit=run_limit)
+    except KeyboardInterrupt:
+      scope.finish(grace_s=0.0)
+      raise
+    except BaseException:
+      scope.finish()
+      raise
+    self._record(start, scope, entry.plan)
     return jax.tree_util.tree_unflatten(entry.out_tree, outs)
 
-  def _record(self, start, ctx, plan):
+  def _record(self, start, scope, plan):
     with self._lock:
       self._last = dict(last_wall_s=time.perf_counter() - start,
-                        last_model_call_s=ctx.call_seconds if ctx else None)
+                        last_model_call_s=scope.call_seconds if scope else None)
       if plan is not None:
         self._last_plan = plan
 

@@ -16,7 +16,7 @@ from xcs_jax._src.jit.ir import Eqn
 
 
 class ControlRunner:
-  """Runs one control eqn; `run_plan(plan, args, ctx)` runs a sub-plan."""
+  """Runs one control eqn; `run_plan(plan, args, scope)` runs a sub-plan."""
 
   def __init__(self, eqn: Eqn, out_avals: list, build_plan: Callable):
     self.name = eqn.name
@@ -41,23 +41,23 @@ class ControlRunner:
       return [self.cond, self.body]
     return [self.body]
 
-  def __call__(self, args: list, ctx, run_plan: Callable) -> list:
-    return getattr(self, "_run_" + self.name)(args, ctx, run_plan)
+  def __call__(self, args: list, scope, run_plan: Callable) -> list:
+    return getattr(self, "_run_" + self.name)(args, scope, run_plan)
 
-  def _run_cond(self, args, ctx, run_plan):
+  def _run_cond(self, args, scope, run_plan):
     index = int(np.asarray(args[0]))
     index = min(max(index, 0), len(self.branches) - 1)  # as lax.switch clamps
-    return run_plan(self.branches[index], args[1:], ctx)
+    return run_plan(self.branches[index], args[1:], scope)
 
-  def _run_while(self, args, ctx, run_plan):
+  def _run_while(self, args, scope, run_plan):
     nc, nb = self.params["cond_nconsts"], self.params["body_nconsts"]
     cond_consts, body_consts, carry = args[:nc], args[nc:nc + nb], list(args[nc + nb:])
     while True:
-      pred = np.asarray(run_plan(self.cond, cond_consts + carry, ctx)[0])
+      pred = np.asarray(run_plan(self.cond, cond_consts + carry, scope)[0])
       if not pred.any():
         return carry
-      ctx.check()
-      new = list(run_plan(self.body, body_consts + carry, ctx))
+      scope.check()
+      new = list(run_plan(self.body, body_consts + carry, scope))
       if pred.ndim == 0:
         carry = new
       else:
@@ -66,7 +66,7 @@ class ControlRunner:
         carry = [jnp.where(pred.reshape(pred.shape + (1,) * (n.ndim - pred.ndim)), n, c)
                  for n, c in zip(new, carry)]
 
-  def _run_scan(self, args, ctx, run_plan):
+  def _run_scan(self, args, scope, run_plan):
     consts = args[:self.num_consts]
     carry = list(args[self.num_consts:self.num_consts + self.num_carry])
     xs = args[self.num_consts + self.num_carry:]
@@ -74,8 +74,8 @@ class ControlRunner:
     steps = range(length - 1, -1, -1) if self.params["reverse"] else range(length)
     ys = []
     for i in steps:
-      ctx.check()
-      outs = run_plan(self.body, consts + carry + [x[i] for x in xs], ctx)
+      scope.check()
+      outs = run_plan(self.body, consts + carry + [x[i] for x in xs], scope)
       carry = list(outs[:self.num_carry])
       ys.append(outs[self.num_carry:])
     if self.params["reverse"]:

@@ -9,8 +9,10 @@ Parameters (beside the common ones):
   holding the key, read when the client is made; the key itself is never
   stored in the binding, its repr, errors or logs.
 
-Timeouts and retries are the SDK's own (`timeout=timeout_s` per attempt,
-`max_retries=retries`); xcs_jax does not retry on top of it.
+Requests go through the SDK's async client (`anthropic.AsyncAnthropic`) on
+the runtime's event loop, so a cancelled or timed-out request is really
+abandoned. Retries are the SDK's own (`max_retries=retries`); xcs_jax does
+not retry on top of it. The binding's `timeout_s` bounds the whole call.
 
 Sampling: the current Messages API (SDK 2.x, API version 2026-10-21) takes no
 sampling parameters and has never taken a seed, so the binding's
@@ -49,7 +51,10 @@ class AnthropicProvider(base.Provider):
 
   def __init__(self):
     self._clients = sdk.ClientCache(
-        "anthropic", lambda **kw: sdk.import_sdk("anthropic", _EXTRA).Anthropic(**kw))
+        "anthropic", lambda **kw: sdk.import_sdk("anthropic", _EXTRA).AsyncAnthropic(**kw))
+
+  def close(self, runtime) -> None:
+    self._clients.close_on(runtime)
 
   def validate(self, model, params):
     spec = f"anthropic:{model}"
@@ -58,16 +63,16 @@ class AnthropicProvider(base.Provider):
   def is_transient(self, error):
     return False      # the SDK has already retried what was worth retrying
 
-  def generate(self, binding, prompt, seed, ctx, deadline):
+  async def generate(self, binding, prompt, seed, ctx):
     anthropic = sdk.import_sdk("anthropic", _EXTRA)
     p = binding.options
     client, key = self._clients.get(binding)
     extra = {} if p["system_prompt"] is None else {"system": p["system_prompt"]}
-    response = sdk.request(
+    response = await sdk.request(
         lambda timeout: client.messages.create(
             model=binding.model, max_tokens=int(p["max_tokens"]),
             messages=[{"role": "user", "content": prompt}], timeout=timeout, **extra),
-        ctx=ctx, deadline=deadline, timeout_s=p["timeout_s"],
+        ctx=ctx,
         timeout_errors=(anthropic.APITimeoutError,), secret=key,
         what=f"messages request to {binding}")
     text = "".join(block.text for block in response.content
@@ -76,10 +81,10 @@ class AnthropicProvider(base.Provider):
     return base.Completion(text, prompt_tokens=getattr(usage, "input_tokens", 0) or 0,
                            completion_tokens=getattr(usage, "output_tokens", 0) or 0)
 
-  def score_options(self, binding, prompt, options, ctx, deadline):
+  def score_options(self, binding, prompt, options, ctx):
     raise NotImplementedError(_NO_LOGPROBS.format(binding=binding))
 
-  def embed(self, binding, text, ctx, deadline):
+  def embed(self, binding, text, ctx):
     raise NotImplementedError(_NO_EMBEDDINGS.format(binding=binding))
 
   def embedding_dim(self, binding) -> int:

@@ -1,20 +1,27 @@
-"""What every provider shares: the interface, the registry, retries, usage.
+"""What every provider shares: the interface, the registry, retries, metering.
 
 A provider turns requests of a `ModelBinding` into answers. Providers are the
-only place with network I/O; they never start threads (the executor does).
+only place with network I/O; they never start threads (the runtime does).
+Each runtime has its own instance of each provider, so clients, loaded
+models and caches belong to a runtime.
+
+A provider's call methods may be plain functions, which run on the
+runtime's worker threads, or `async def` coroutines, which run on its event
+loop (no thread per request, and cancellation really abandons a request).
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import inspect
 import random
-import threading
 import time
 from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
 
 from xcs_jax._src.errors import XCSCancelledError, XCSTimeoutError
-from xcs_jax._src.executor import CallContext
+from xcs_jax._src.scope import CallContext
 
 # Parameters every binding accepts, with their defaults.
 COMMON_PARAMS: dict[str, Any] = {
@@ -28,6 +35,11 @@ COMMON_PARAMS: dict[str, Any] = {
     "system_prompt": None,
     "seed": 0,
 }
+
+LOGPROB_ROUNDING_TOL = 1e-4
+"""Summing per-token log-probabilities in float32 can round a certain option's
+total a hair above zero; up to this much is read as 0, anything more is an
+error."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,10 +56,13 @@ class TransientError(Exception):
 class Provider:
   """Base class of providers. Subclasses set `name` and override methods.
 
+  Call methods get the binding, their inputs and the call's `CallContext`
+  (`ctx.deadline`, `ctx.check()`, `ctx.sleep()`); each may be `async def`.
+
   Attributes:
     name: the prefix of `"provider:model"`.
     params: provider-specific binding parameters and their defaults.
-    default_concurrency: calls in flight at once, per provider, unless the
+    default_concurrency: calls in flight at once, per endpoint, unless the
       binding says otherwise.
   """
 
@@ -70,21 +85,15 @@ class Provider:
   def validate(self, model: str, params: Mapping[str, Any]) -> None:
     """Checks a binding when it is made (e.g. that its API key is set)."""
 
-  # Each call gets the binding, its inputs, the batch's `CallContext` (poll it
-  # or sleep through it so a failing sibling stops the call) and `deadline`, a
-  # `time.monotonic()` value after which the call must raise XCSTimeoutError.
-
-  def generate(self, binding, prompt: str, seed: int, ctx: CallContext,
-               deadline: float | None) -> Completion:
+  def generate(self, binding, prompt: str, seed: int, ctx: CallContext) -> Completion:
     raise NotImplementedError(f"provider `{self.name}` cannot generate text")
 
   def score_options(self, binding, prompt: str, options: Sequence[str],
-                    ctx: CallContext, deadline: float | None) -> np.ndarray:
+                    ctx: CallContext) -> np.ndarray:
     raise NotImplementedError(
         f"provider `{self.name}` cannot give log-probabilities of options")
 
-  def embed(self, binding, text: str, ctx: CallContext,
-            deadline: float | None) -> np.ndarray:
+  def embed(self, binding, text: str, ctx: CallContext) -> np.ndarray:
     raise NotImplementedError(f"provider `{self.name}` cannot embed text")
 
   def embedding_dim(self, binding) -> int:
@@ -93,118 +102,135 @@ class Provider:
   def is_transient(self, error: BaseException) -> bool:
     return isinstance(error, (TransientError, ConnectionResetError))
 
+  def close(self, runtime) -> None:
+    """Frees what the instance holds (clients, models) when its runtime closes."""
 
-_PROVIDERS: dict[str, Callable[[], Provider]] = {}
-_INSTANCES: dict[str, Provider] = {}
-_registry_lock = threading.Lock()
+
+_FACTORIES: dict[str, Callable[[], Provider]] = {}
 
 
 def register_provider(name: str, factory: Callable[[], Provider]) -> None:
-  """Registers a provider class (or factory) under `name`."""
-  _PROVIDERS[name] = factory
+  """Registers a provider class (or a factory of instances) under `name`.
+
+  Each runtime makes its own instance on first use.
+  """
+  if not isinstance(name, str) or not name or ":" in name:
+    raise ValueError(f"`register_provider(name, ...)` needs a non-empty name without "
+                     f"':'; got {name!r}.")
+  if not callable(factory):
+    raise TypeError(f"`register_provider({name!r}, factory)` needs a Provider class or a "
+                    f"callable returning one; got {factory!r}.")
+  _FACTORIES[name] = factory
 
 
 def provider_names() -> list[str]:
-  return sorted(_PROVIDERS)
+  return sorted(_FACTORIES)
 
 
-def get_provider(name: str) -> Provider:
-  """The process-wide instance of provider `name` (created on first use)."""
-  inst = _INSTANCES.get(name)
-  if inst is None:
-    if name not in _PROVIDERS:
-      raise ValueError(
-          f"unknown provider {name!r} in `xcs_jax.models.bind`: expected one of "
-          f"{', '.join(map(repr, provider_names()))}, as \"provider:model\" "
-          "(e.g. \"local:smollm2\", \"fake:echo\").")
-    with _registry_lock:
-      inst = _INSTANCES.get(name)
-      if inst is None:
-        inst = _INSTANCES[name] = _PROVIDERS[name]()
-  return inst
-
-
-def call_with_retries(fn: Callable[[], Any], *, retries: int, is_transient,
-                      ctx: CallContext, deadline: float | None, timeout_s,
-                      on_retry: Callable[[], None] = lambda: None,
-                      base_delay_s: float = 0.05, max_delay_s: float = 2.0) -> Any:
-  """`fn()`, retried on transient errors with exponential backoff and full jitter.
-
-  Permanent errors, cancellations and timeouts are raised at once.
-  """
-  attempt = 0
-  while True:
-    ctx.check()
-    try:
-      return fn()
-    except (XCSCancelledError, XCSTimeoutError):
-      raise
-    except Exception as e:
-      if attempt >= retries or not is_transient(e):
-        raise
-      attempt += 1
-      on_retry()
-      delay = random.uniform(0, min(max_delay_s, base_delay_s * 2 ** attempt))
-      ctx.sleep(delay, deadline=deadline, timeout_s=timeout_s)
-
-
-@dataclasses.dataclass
-class Usage:
-  """Counters for one binding, readable from Python."""
-  calls: int = 0
-  errors: int = 0
-  retries: int = 0
-  prompt_tokens: int = 0
-  completion_tokens: int = 0
-  seconds: float = 0.0
-
-
-class UsageMeter:
-  """Thread-safe usage counters, keyed by binding."""
-
-  def __init__(self) -> None:
-    self._lock = threading.Lock()
-    self._by_binding: dict[Any, Usage] = {}
-
-  def add(self, binding, **deltas) -> None:
-    with self._lock:
-      u = self._by_binding.setdefault(binding, Usage())
-      for k, v in deltas.items():
-        setattr(u, k, getattr(u, k) + v)
-
-  def get(self, binding) -> Usage:
-    with self._lock:
-      return dataclasses.replace(self._by_binding.get(binding, Usage()))
-
-  def snapshot(self) -> dict[str, dict[str, float]]:
-    with self._lock:
-      return {str(b): dataclasses.asdict(u) for b, u in self._by_binding.items()}
-
-  def reset(self) -> None:
-    with self._lock:
-      self._by_binding.clear()
-
-
-USAGE = UsageMeter()
-
-
-def timed_call(binding, fn: Callable[[float | None], Any], ctx: CallContext) -> Any:
-  """`fn(deadline)` with the binding's retries, timeout and usage accounting."""
-  provider = get_provider(binding.provider)
-  timeout_s = binding.get("timeout_s")
-  deadline = None if timeout_s is None else time.monotonic() + float(timeout_s)
-  start = time.perf_counter()
+def provider_factory(name: str) -> Callable[[], Provider]:
   try:
-    result = call_with_retries(
-        lambda: fn(deadline), retries=int(binding.get("retries")), is_transient=provider.is_transient,
-        ctx=ctx, deadline=deadline, timeout_s=timeout_s,
-        on_retry=lambda: USAGE.add(binding, retries=1))
-  except Exception:
-    USAGE.add(binding, calls=1, errors=1, seconds=time.perf_counter() - start)
-    raise
-  tokens = {}
-  if isinstance(result, Completion):
-    tokens = dict(prompt_tokens=result.prompt_tokens,
-                  completion_tokens=result.completion_tokens)
-  USAGE.add(binding, calls=1, seconds=time.perf_counter() - start, **tokens)
-  return result
+    return _FACTORIES[name]
+  except KeyError:
+    raise ValueError(
+        f"unknown provider {name!r} in `xcs_jax.models.bind`: expected one of "
+        f"{', '.join(map(repr, provider_names()))}, as \"provider:model\" "
+        "(e.g. \"local:smollm2\", \"fake:echo\").") from None
+
+
+def is_async_method(method: Callable) -> bool:
+  return inspect.iscoroutinefunction(method)
+
+
+@dataclasses.dataclass(frozen=True)
+class Backoff:
+  """Exponential backoff with full jitter on transient errors."""
+  retries: int
+  is_transient: Callable[[BaseException], bool]
+  base_delay_s: float = 0.05
+  max_delay_s: float = 2.0
+
+  def delay(self, error: BaseException, attempt: int) -> float | None:
+    """Seconds to wait before attempt `attempt + 1`, or None to give up."""
+    if isinstance(error, (XCSCancelledError, XCSTimeoutError)):
+      return None
+    if attempt >= self.retries or not self.is_transient(error):
+      return None
+    return random.uniform(0, min(self.max_delay_s, self.base_delay_s * 2 ** (attempt + 1)))
+
+
+class Metered:
+  """Usage accounting around one provider call (sync or async)."""
+
+  __slots__ = ("usage", "binding", "ctx", "start")
+
+  def __init__(self, usage, binding, ctx: CallContext):
+    self.usage, self.binding, self.ctx = usage, binding, ctx
+
+  def __enter__(self) -> "Metered":
+    self.start = time.perf_counter()
+    return self
+
+  def retried(self) -> None:
+    self.usage.add(self.binding, retries=1)
+
+  def __exit__(self, kind, error, tb) -> None:
+    seconds = time.perf_counter() - self.start
+    if self.ctx.abandoned:      # counted when it was abandoned
+      self.usage.add(self.binding, calls=1, seconds=seconds)
+    elif error is None:
+      return
+    elif isinstance(error, (XCSCancelledError, asyncio.CancelledError, KeyboardInterrupt)):
+      self.usage.add(self.binding, calls=1, cancelled=1, seconds=seconds)
+    else:
+      self.usage.add(self.binding, calls=1, errors=1, seconds=seconds)
+
+  def succeeded(self, result: Any) -> None:
+    tokens = {}
+    if isinstance(result, Completion):
+      tokens = dict(prompt_tokens=result.prompt_tokens,
+                    completion_tokens=result.completion_tokens)
+    self.usage.add(self.binding, calls=1, seconds=time.perf_counter() - self.start,
+                   **tokens)
+
+
+def call_provider(usage, binding, backoff: Backoff, method: Callable, args: tuple,
+                  ctx: CallContext) -> Any:
+  """`method(binding, *args, ctx)` with retries (backoff sleeps count against
+  the call's deadline) and usage accounting."""
+  with Metered(usage, binding, ctx) as meter:
+    attempt = 0
+    while True:
+      ctx.check()
+      try:
+        result = method(binding, *args, ctx)
+        break
+      except Exception as e:
+        delay = backoff.delay(e, attempt)
+        if delay is None:
+          raise
+      attempt += 1
+      meter.retried()
+      ctx.sleep(delay)
+    if not ctx.abandoned:
+      meter.succeeded(result)
+    return result
+
+
+async def acall_provider(usage, binding, backoff: Backoff, method: Callable, args: tuple,
+                         ctx: CallContext) -> Any:
+  """`call_provider` for an `async def` provider method."""
+  with Metered(usage, binding, ctx) as meter:
+    attempt = 0
+    while True:
+      try:
+        result = await method(binding, *args, ctx)
+        break
+      except Exception as e:
+        delay = backoff.delay(e, attempt)
+        if delay is None:
+          raise
+      attempt += 1
+      meter.retried()
+      await ctx.asleep(delay)
+    meter.succeeded(result)
+    return result

@@ -14,8 +14,9 @@ Parameters (beside the common ones):
   (`FakeProviderError`), at once (like a rejected request, without waiting
   `latency_s`), never retried.
 - ``transient_failures`` (0): the first this-many attempts at each distinct
-  request (binding, prompt, seed) in this process fail with a transient
-  error (exercises retries).
+  request (binding, prompt, seed) in this runtime fail with a transient
+  error (exercises retries). The runtime's fake provider remembers the
+  attempts of at most `MAX_TRACKED_REQUESTS` requests (oldest forgotten first).
 - ``choices`` (("yes", "no")): the answers of ``fake:choice``.
 - ``option_bias`` (()): numbers added, by position, to the logits of the
   options `score_options` is given (a built-in preference for some labels,
@@ -38,6 +39,7 @@ Every model also scores options and embeds (latency and failures apply alike):
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 import re
 import threading
@@ -47,6 +49,7 @@ import numpy as np
 from xcs_jax._src.providers import base
 
 MODELS = ("echo", "upper", "choice")
+MAX_TRACKED_REQUESTS = 65536
 
 
 class FakeProviderError(RuntimeError):
@@ -76,10 +79,10 @@ class FakeProvider(base.Provider):
       raise ValueError(f"`embedding_dim` must be a positive int; got {dim!r}.")
 
   def __init__(self):
-    self._attempts: dict = {}
+    self._attempts: collections.OrderedDict = collections.OrderedDict()
     self._lock = threading.Lock()
 
-  def _simulate(self, binding, prompt, ctx, deadline, request=()):
+  def _simulate(self, binding, prompt, ctx, request=()):
     """The latency and injected failures every fake call goes through.
 
     `request` tells apart distinct requests on the same prompt (a seed, the
@@ -89,22 +92,25 @@ class FakeProvider(base.Provider):
     if p["fail_on"] is not None and p["fail_on"] in prompt:
       raise FakeProviderError(f"injected failure: prompt contains {p['fail_on']!r}")
     if p["latency_s"]:
-      ctx.sleep(float(p["latency_s"]), deadline=deadline, timeout_s=p["timeout_s"])
+      ctx.sleep(float(p["latency_s"]))
     else:
       ctx.check()
     if p["transient_failures"]:
       key = (binding, prompt, request)
       with self._lock:
         n = self._attempts[key] = self._attempts.get(key, 0) + 1
+        self._attempts.move_to_end(key)
+        if len(self._attempts) > MAX_TRACKED_REQUESTS:
+          self._attempts.popitem(last=False)
       if n <= p["transient_failures"]:
         raise base.TransientError(f"injected transient failure {n}")
 
-  def generate(self, binding, prompt, seed, ctx, deadline):
-    self._simulate(binding, prompt, ctx, deadline, request=("generate", seed))
+  def generate(self, binding, prompt, seed, ctx):
+    self._simulate(binding, prompt, ctx, request=("generate", seed))
     return self._answer(binding.model, prompt, seed, binding.options)
 
-  def score_options(self, binding, prompt, options, ctx, deadline):
-    self._simulate(binding, prompt, ctx, deadline, request=("score", options))
+  def score_options(self, binding, prompt, options, ctx):
+    self._simulate(binding, prompt, ctx, request=("score", options))
     bias = binding.get("option_bias")
     prompt_words = set(_words(prompt))
     logits = np.array([
@@ -115,8 +121,8 @@ class FakeProvider(base.Provider):
     shifted = logits - logits.max()
     return shifted - np.log(np.exp(shifted).sum())
 
-  def embed(self, binding, text, ctx, deadline):
-    self._simulate(binding, text, ctx, deadline, request=("embed",))
+  def embed(self, binding, text, ctx):
+    self._simulate(binding, text, ctx, request=("embed",))
     dim = self.embedding_dim(binding)
     vec = np.zeros(dim)
     for word in _words(text) or [""]:

@@ -43,7 +43,6 @@ options; the prompt's evaluation itself is not interrupted.
 """
 from __future__ import annotations
 
-import atexit
 import contextlib
 import dataclasses
 import glob
@@ -51,13 +50,12 @@ import importlib.util
 import os
 import queue
 import threading
-import time
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
 from xcs_jax._src.errors import XCSTimeoutError
-from xcs_jax._src.executor import CallContext
+from xcs_jax._src.scope import CallContext
 from xcs_jax._src.providers import base
 from xcs_jax._src.providers import gguf
 from xcs_jax._src.providers import sdk
@@ -101,16 +99,15 @@ class InstancePool:
     self._lock = threading.Lock()
 
   @contextlib.contextmanager
-  def checkout(self, ctx: CallContext, deadline: float | None,
-               timeout_s: float | None) -> Iterator[Any]:
+  def checkout(self, ctx: CallContext) -> Iterator[Any]:
     """Lends one instance for the `with` block, waiting (cancellably) for one."""
-    instance = self._acquire(ctx, deadline, timeout_s)
+    instance = self._acquire(ctx)
     try:
       yield instance
     finally:
       self._idle.put(instance)
 
-  def _acquire(self, ctx, deadline, timeout_s):
+  def _acquire(self, ctx):
     while True:
       try:
         return self._idle.get_nowait()
@@ -128,10 +125,11 @@ class InstancePool:
           raise
       ctx.check()
       wait = _POLL_S
-      if deadline is not None:
-        wait = min(wait, deadline - time.monotonic())
+      left = ctx.remaining()
+      if left is not None:
+        wait = min(wait, left)
         if wait <= 0:
-          raise XCSTimeoutError(f"the call ran past its timeout of {timeout_s} s "
+          raise XCSTimeoutError(f"the call ran past its timeout of {ctx.timeout_s} s "
                                 "waiting for a free model instance")
       try:
         return self._idle.get(timeout=wait)
@@ -210,12 +208,6 @@ def _log_softmax(rows: np.ndarray) -> np.ndarray:
   return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
-def _check_deadline(ctx: CallContext, deadline: float | None, timeout_s) -> None:
-  ctx.check()
-  if deadline is not None and time.monotonic() > deadline:
-    raise XCSTimeoutError(f"the call ran past its timeout of {timeout_s} s")
-
-
 class LocalProvider(base.Provider):
   name = "local"
   default_concurrency = 2       # the default `pool_size`: more calls would only queue
@@ -228,10 +220,11 @@ class LocalProvider(base.Provider):
   def __init__(self):
     self._pools: dict[tuple, InstancePool] = {}
     self._lock = threading.Lock()
-    atexit.register(self.close)
 
-  def close(self) -> None:
-    """Frees every idle model instance; later calls load new ones."""
+  def close(self, runtime=None) -> None:
+    """Frees every idle model instance (its runtime closes; the default one at
+    exit, since llama.cpp objects left to the interpreter's teardown fail
+    noisily in their finalizers); later calls load new ones."""
     with self._lock:
       pools, self._pools = list(self._pools.values()), {}
     for pool in pools:
@@ -288,19 +281,19 @@ class LocalProvider(base.Provider):
 
   # -- calls -------------------------------------------------------------------
 
-  def generate(self, binding, prompt, seed, ctx, deadline):
+  def generate(self, binding, prompt, seed, ctx):
     llama_cpp = sdk.import_sdk("llama_cpp", _EXTRA)
     p = binding.options
     stopped = []
 
     def interrupt(input_ids, logits) -> bool:  # a llama.cpp stopping criterion
-      if ctx.cancelled or (deadline is not None and time.monotonic() > deadline):
+      if ctx.cancelled or (ctx.deadline is not None and ctx.remaining() < 0):
         stopped.append(True)
         return True
       return False
 
-    with self._pool(binding, "generate").checkout(ctx, deadline, p["timeout_s"]) as m:
-      _check_deadline(ctx, deadline, p["timeout_s"])
+    with self._pool(binding, "generate").checkout(ctx) as m:
+      ctx.check_deadline()
       tokens, chat = m.chat_prompt(prompt, p["system_prompt"])
       criteria = llama_cpp.StoppingCriteriaList(
           [interrupt, *(chat.stopping_criteria or [])])
@@ -315,16 +308,15 @@ class LocalProvider(base.Provider):
           seed=int(seed), stop=chat.stop, stopping_criteria=criteria,
           top_p=0.95, top_k=40, min_p=0.05, repeat_penalty=1.0)
     if stopped:
-      _check_deadline(ctx, deadline, p["timeout_s"])
+      ctx.check_deadline()
     usage = out["usage"]
     return base.Completion(out["choices"][0]["text"], prompt_tokens=usage["prompt_tokens"],
                            completion_tokens=usage["completion_tokens"])
 
-  def score_options(self, binding, prompt, options, ctx, deadline):
+  def score_options(self, binding, prompt, options, ctx):
     p = binding.options
-    timeout_s = p["timeout_s"]
-    with self._pool(binding, "score").checkout(ctx, deadline, timeout_s) as m:
-      _check_deadline(ctx, deadline, timeout_s)
+    with self._pool(binding, "score").checkout(ctx) as m:
+      ctx.check_deadline()
       prefix, _ = m.chat_prompt(prompt, p["system_prompt"])
       suffixes = [m.llama.tokenize(o.encode("utf-8"), add_bos=False, special=False)
                   for o in options]
@@ -334,13 +326,13 @@ class LocalProvider(base.Provider):
             f"prompt + longest option is {longest} tokens, more than the context "
             f"window `n_ctx={m.llama.n_ctx()}`: bind with a larger `n_ctx`.")
       scores = _score(m, prefix, suffixes, bool(p["reuse_prompt_state"]),
-                      lambda: _check_deadline(ctx, deadline, timeout_s))
+                      ctx.check_deadline)
     return _checked_log_probs(scores, options)
 
-  def embed(self, binding, text, ctx, deadline):
+  def embed(self, binding, text, ctx):
     p = binding.options
-    with self._pool(binding, "embed").checkout(ctx, deadline, p["timeout_s"]) as m:
-      _check_deadline(ctx, deadline, p["timeout_s"])
+    with self._pool(binding, "embed").checkout(ctx) as m:
+      ctx.check_deadline()
       n_tokens = len(m.llama.tokenize(text.encode("utf-8"), add_bos=True))
       # llama.cpp corrupts its heap when asked to embed zero tokens.
       if n_tokens == 0:
@@ -363,12 +355,11 @@ def _checked_log_probs(scores: np.ndarray, options: Sequence[str]) -> np.ndarray
 
   For a near-certain option the summed (logaddexp-normalized) log-probability
   can round a hair above 0 even in float64; values within
-  `numeric.LOGPROB_ROUNDING_TOL` of 0 are clipped to 0 (the tolerance the
+  `base.LOGPROB_ROUNDING_TOL` of 0 are clipped to 0 (the tolerance the
   provider-independent check uses). Anything else non-finite or > 0 raises.
   """
-  from xcs_jax._src.numeric import LOGPROB_ROUNDING_TOL  # numeric imports providers
   scores = np.asarray(scores, np.float64)
-  scores = np.where((scores > 0) & (scores <= LOGPROB_ROUNDING_TOL), 0.0, scores)
+  scores = np.where((scores > 0) & (scores <= base.LOGPROB_ROUNDING_TOL), 0.0, scores)
   bad = ~(np.isfinite(scores) & (scores <= 0))
   if bad.any():
     raise FloatingPointError(

@@ -17,11 +17,13 @@ Parameters (beside the common ones):
   with ``{system}``, ``{prompt}`` and ``{reply}`` fields (e.g. `CHATML`),
   for `score_options`; see there.
 
-Timeouts and retries are the SDK's own: `timeout=timeout_s` per attempt and
-`max_retries=retries` (with the SDK's backoff, on connection errors, 408, 409,
-429 and 5xx). xcs_jax does not retry on top of it, so a call takes at most
-about `(retries + 1) * timeout_s` plus backoff. One client is kept per
-(base_url, api_key_env, key, timeout, retries).
+Requests go through the SDK's async client (`openai.AsyncOpenAI`) on the
+runtime's event loop: a cancelled or timed-out request is really abandoned
+(its connection closed), and requests in flight need no thread each.
+Retries are the SDK's own (`max_retries=retries`, with the SDK's backoff, on
+connection errors, 408, 409, 429 and 5xx); xcs_jax does not retry on top of
+it. The binding's `timeout_s` bounds the whole call, retries included. One
+client is kept per (base_url, api_key_env, key, timeout, retries) and runtime.
 
 `score_options`: the chat API returns log-probabilities only of tokens the
 model generates, never of a given text, so options are scored through the
@@ -60,7 +62,7 @@ _NO_SCORE_TEMPLATE = (
     "given option, so options are scored with the completions endpoint (`echo=True, "
     "logprobs`) on the chat laid out as text. Bind with `score_template=...` giving "
     "that layout with {{system}}, {{prompt}} and {{reply}} fields (e.g. "
-    "`xcs_jax._src.providers.openai.CHATML` for ChatML models) if the endpoint "
+    "`xcs_jax.models.CHATML` for ChatML models) if the endpoint "
     "serves echoed logprobs (llama.cpp server, vLLM); otherwise use the `local` "
     "provider, which reads exact log-probabilities from the model.")
 
@@ -79,7 +81,10 @@ class OpenAIProvider(base.Provider):
 
   def __init__(self):
     self._clients = sdk.ClientCache(
-        "openai", lambda **kw: sdk.import_sdk("openai", _EXTRA).OpenAI(**kw))
+        "openai", lambda **kw: sdk.import_sdk("openai", _EXTRA).AsyncOpenAI(**kw))
+
+  def close(self, runtime) -> None:
+    self._clients.close_on(runtime)
 
   def validate(self, model, params):
     spec = f"openai:{model}"
@@ -101,23 +106,22 @@ class OpenAIProvider(base.Provider):
 
   # -- client and one request --------------------------------------------------
 
-  def _request(self, binding, ctx, deadline, send, what: str):
+  async def _request(self, binding, ctx, send, what: str):
     openai = sdk.import_sdk("openai", _EXTRA)
     client, key = self._clients.get(binding)
-    return sdk.request(lambda timeout: send(client, timeout), ctx=ctx, deadline=deadline,
-                       timeout_s=binding.get("timeout_s"),
-                       timeout_errors=(openai.APITimeoutError,), secret=key,
-                       what=f"{what} request to {binding}")
+    return await sdk.request(lambda timeout: send(client, timeout), ctx=ctx,
+                             timeout_errors=(openai.APITimeoutError,), secret=key,
+                             what=f"{what} request to {binding}")
 
   # -- calls -------------------------------------------------------------------
 
-  def generate(self, binding, prompt, seed, ctx, deadline):
+  async def generate(self, binding, prompt, seed, ctx):
     p = binding.options
     messages = [{"role": "user", "content": prompt}]
     if p["system_prompt"] is not None:
       messages.insert(0, {"role": "system", "content": p["system_prompt"]})
-    response = self._request(
-        binding, ctx, deadline,
+    response = await self._request(
+        binding, ctx,
         lambda client, timeout: client.chat.completions.create(
             model=binding.model, messages=messages, temperature=float(p["temperature"]),
             max_tokens=int(p["max_tokens"]), seed=int(seed), timeout=timeout),
@@ -127,7 +131,7 @@ class OpenAIProvider(base.Provider):
     return base.Completion(text, prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
                            completion_tokens=getattr(usage, "completion_tokens", 0) or 0)
 
-  def score_options(self, binding, prompt, options, ctx, deadline):
+  async def score_options(self, binding, prompt, options, ctx):
     p = binding.options
     template = p["score_template"]
     if template is None:
@@ -135,8 +139,8 @@ class OpenAIProvider(base.Provider):
     before, end = _layout(template, prompt, p["system_prompt"], str(binding))
     scores = []
     for option in options:
-      response = self._request(
-          binding, ctx, deadline,
+      response = await self._request(
+          binding, ctx,
           lambda client, timeout, option=option: client.completions.create(
               model=binding.model, prompt=before + option + end, echo=True, logprobs=0,
               max_tokens=1, temperature=0.0, timeout=timeout),
@@ -144,11 +148,11 @@ class OpenAIProvider(base.Provider):
       scores.append(_reply_logprob(response, option, end, str(binding)))
     return np.asarray(scores, dtype=np.float32)
 
-  def embed(self, binding, text, ctx, deadline):
+  async def embed(self, binding, text, ctx):
     if not text:
       raise ValueError("cannot embed an empty text.")
-    response = self._request(
-        binding, ctx, deadline,
+    response = await self._request(
+        binding, ctx,
         lambda client, timeout: client.embeddings.create(
             model=binding.model, input=text, timeout=timeout),
         "embedding")

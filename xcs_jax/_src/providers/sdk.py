@@ -1,8 +1,15 @@
 """What the SDK-backed providers share: lazy imports, API keys, one request.
 
-Heavy SDKs (llama_cpp, openai, anthropic) are imported inside provider methods
-so `import xcs_jax` stays fast and works without them; a missing one is an
-`ImportError` naming the pip extra that installs it.
+Heavy SDKs (llama_cpp, openai, anthropic) are imported when a binding of
+their provider is made, never by `import xcs_jax` (which stays fast and
+works without them), and never inside a call (an import would count
+against the call's timeout and, for async clients, block the event loop);
+a missing one is an `ImportError` naming the pip extra that installs it.
+
+The openai and anthropic providers use the SDKs' async clients on the
+runtime's event loop: a cancelled, timed-out or interrupted request is
+abandoned for real (its connection is closed), and thousands of requests in
+flight need no thread each.
 
 API keys are read from the environment only when a client is made. Bindings
 hold the variable's *name*, never its value, and no error, repr or log line
@@ -16,18 +23,13 @@ import importlib
 import importlib.util
 import os
 import threading
-import time
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
-from xcs_jax._src.errors import XCSTimeoutError
-from xcs_jax._src.executor import CallContext
+from xcs_jax._src.errors import ProviderAPIError, XCSTimeoutError
+from xcs_jax._src.scope import CallContext
 
 NO_AUTH_PLACEHOLDER = "no-key"
 """Sent as the key to endpoints bound with `api_key_env=None` (the SDKs need one)."""
-
-
-class ProviderAPIError(RuntimeError):
-  """An SDK error, re-raised with secrets removed from its text."""
 
 
 def import_sdk(module: str, extra: str) -> Any:
@@ -65,8 +67,9 @@ def check_api_key_env(spec: str, api_key_env: str | None) -> None:
 
 
 def check_endpoint(spec: str, params: dict, module: str, extra: str) -> None:
-  """The bind-time checks every SDK provider shares: SDK, key variable, base_url."""
-  check_installed(module, extra)
+  """The bind-time checks every SDK provider shares: SDK (imported now, before
+  any call's deadline starts), key variable, base_url."""
+  import_sdk(module, extra)
   check_api_key_env(spec, params["api_key_env"])
   if params["base_url"] is not None and not isinstance(params["base_url"], str):
     raise ValueError(f"`bind({spec!r}, base_url=...)` must be a URL string or None; "
@@ -101,30 +104,30 @@ def redact(error: BaseException, secret: str | None) -> BaseException:
                           f"{f' (HTTP {status})' if status else ''}: {clean}")
 
 
-def request(fn: Callable[[float | None], Any], *, ctx: CallContext,
-            deadline: float | None, timeout_s: float | None,
-            timeout_errors: tuple[type[BaseException], ...], secret: str | None,
-            what: str) -> Any:
-  """`fn(timeout)`: one SDK request, bounded by the call's deadline.
+async def request(send: Callable[[float | None], Awaitable[Any]], *, ctx: CallContext,
+                  timeout_errors: tuple[type[BaseException], ...], secret: str | None,
+                  what: str) -> Any:
+  """`await send(timeout)`: one SDK request, bounded by the call's deadline.
 
   The SDK does its own retries (its `max_retries` is the binding's `retries`),
-  so this makes exactly one SDK call. A request in flight cannot be
-  interrupted; it ends by itself or at its timeout.
+  so this makes exactly one SDK call. Cancelling the task (a failed sibling,
+  an interrupt, the deadline) abandons the request and closes its connection.
 
   Raises:
-    XCSCancelledError: a sibling call failed before the request started.
+    XCSCancelledError: the call's run failed before the request started.
     XCSTimeoutError: the deadline passed, or the SDK gave up on a timeout.
   """
   ctx.check()
-  timeout = timeout_s
-  if deadline is not None:
-    timeout = deadline - time.monotonic()
-    if timeout <= 0:
-      raise XCSTimeoutError(f"the call ran past its timeout of {timeout_s} s")
+  timeout = ctx.timeout_s
+  left = ctx.remaining()
+  if left is not None:
+    if left <= 0:
+      raise ctx.timeout_error()
+    timeout = left
   # Errors are raised after the `except` blocks so that a redacted error does
   # not keep the original (with the secret) as its implicit `__context__`.
   try:
-    return fn(timeout)
+    return await send(timeout)
   except timeout_errors as e:
     cause = redact(e, secret)
     timed_out = True
@@ -135,7 +138,7 @@ def request(fn: Callable[[float | None], Any], *, ctx: CallContext,
     timed_out = False
   if timed_out:
     raise XCSTimeoutError(
-        f"{what} timed out (timeout_s={timeout_s} per attempt)") from cause
+        f"{what} timed out (timeout_s={ctx.timeout_s} per attempt)") from cause
   raise cause
 
 
@@ -145,6 +148,8 @@ class ClientCache:
   `make(base_url=, api_key=, timeout=, max_retries=)` builds a client; the
   key is read from the binding's `api_key_env` each time a client is looked
   up, so a changed variable takes effect (the cache holds a digest of it).
+  Each provider instance (so each runtime) has its own cache; async clients
+  are used only on their runtime's event loop.
   """
 
   def __init__(self, provider: str, make: Callable[..., Any]):
@@ -166,3 +171,18 @@ class ClientCache:
             base_url=p["base_url"], api_key=key, timeout=p["timeout_s"],
             max_retries=int(p["retries"]))
     return client, key
+
+  async def aclose(self) -> None:
+    """Closes every async client (their connection pools)."""
+    with self._lock:
+      clients, self._clients = list(self._clients.values()), {}
+    for client in clients:
+      await client.close()
+
+  def close_on(self, runtime) -> None:
+    """Closes the clients on `runtime`'s event loop, if it ever started."""
+    if runtime is not None and runtime._loop is not None and self._clients:
+      try:
+        runtime._loop.run(self.aclose(), timeout_s=2.0)
+      except Exception:  # noqa: BLE001 - closing: nothing left to report to
+        pass

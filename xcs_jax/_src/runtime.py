@@ -1,0 +1,244 @@
+"""`Runtime`: the owner of every piece of host-side state.
+
+A runtime holds the worker threads, the asyncio loop of async providers,
+the concurrency limits, the provider instances (and so their clients and
+loaded models) and the usage counters. A default runtime serves users who
+never name one; `with xcs_jax.runtime(...):` scopes another (tests,
+notebooks, servers with several tenants) and closes it at the end.
+
+Which runtime serves a call: eagerly and under `xcs_jax.jit`, the one
+current in the calling context when the call runs (a contextvar); under
+plain `jax.jit`, whose callbacks run on XLA's own threads, the one current
+when the function was traced. A jitted function holds no runtime.
+"""
+from __future__ import annotations
+
+import atexit
+import contextvars
+import threading
+import warnings
+import weakref
+from xcs_jax._src import executor
+from xcs_jax._src.errors import XCSError
+from xcs_jax._src.providers import base
+from xcs_jax._src.usage import UsageMeter
+
+DEFAULT_CANCEL_GRACE_S = 0.02
+"""After a failure, how long running calls get to notice the cancellation
+before they are abandoned (cooperative calls stop well within it)."""
+
+_CURRENT: contextvars.ContextVar["Runtime | None"] = contextvars.ContextVar(
+    "xcs_jax_runtime", default=None)
+
+
+class RuntimeClosedError(XCSError, RuntimeError):
+  """A call reached a runtime that was already closed."""
+
+
+class Runtime:
+  """Host-side state: workers, event loop, limits, providers, usage.
+
+  Make one with `xcs_jax.runtime(...)`; use it as a context manager to make
+  it current (it is closed when the block ends).
+
+  Attributes:
+    name: a readable name (thread names start with it).
+    cancel_grace_s: after a failure, how long running calls get to stop
+      before they are abandoned.
+    clock: the runtime's `Clock` (tests inject one that does not sleep).
+    usage: the `UsageMeter` of the calls this runtime served.
+    limits: the concurrency limits in use.
+  """
+
+  def __init__(self, *, name: str = "xcs", cancel_grace_s: float = DEFAULT_CANCEL_GRACE_S,
+               clock: executor.Clock | None = None):
+    if not isinstance(name, str) or not name:
+      raise ValueError(f"`xcs_jax.runtime(name=...)` must be a non-empty str; got {name!r}.")
+    if (isinstance(cancel_grace_s, bool) or not isinstance(cancel_grace_s, (int, float))
+        or not 0 <= cancel_grace_s < float("inf")):
+      raise ValueError("`xcs_jax.runtime(cancel_grace_s=...)` must be a finite number of "
+                       f"seconds >= 0; got {cancel_grace_s!r}.")
+    self.name = name
+    self.cancel_grace_s = float(cancel_grace_s)
+    self.clock = clock or executor.REAL_CLOCK
+    self.usage = UsageMeter()
+    self.limits = executor.Limits()
+    self._lock = threading.Lock()
+    self._pool: executor.WorkerPool | None = None
+    self._loop: executor.EventLoopThread | None = None
+    self._providers: dict[str, base.Provider] = {}
+    self._closed = False
+    self._abandoned = 0
+    self._warned_abandoned = False
+    self._tokens: list = []
+
+  # -- what it owns ----------------------------------------------------------
+
+  @property
+  def pool(self) -> executor.WorkerPool:
+    """The runtime's worker threads (started on first use)."""
+    pool = self._pool
+    if pool is None:
+      with self._lock:
+        self._check_open()
+        if self._pool is None:
+          self._pool = executor.WorkerPool(self.name)
+        pool = self._pool
+    return pool
+
+  def event_loop(self) -> executor.EventLoopThread:
+    """The runtime's asyncio loop for async providers (started on first use)."""
+    loop = self._loop
+    if loop is None:
+      with self._lock:
+        self._check_open()
+        if self._loop is None:
+          self._loop = executor.EventLoopThread(self.name)
+        loop = self._loop
+    return loop
+
+  def provider(self, name: str) -> base.Provider:
+    """This runtime's instance of provider `name` (made on first use)."""
+    inst = self._providers.get(name)
+    if inst is None:
+      factory = base.provider_factory(name)
+      with self._lock:
+        inst = self._providers.get(name)
+        if inst is None:
+          inst = self._providers[name] = factory()
+    return inst
+
+  @property
+  def abandoned_calls(self) -> int:
+    """Calls abandoned so far (still running, or finished, in the background)."""
+    return self._abandoned
+
+  def _note_abandoned(self, n: int) -> None:
+    with self._lock:
+      self._abandoned += n
+      warn = not self._warned_abandoned
+      self._warned_abandoned = True
+    if warn:
+      warnings.warn(
+          f"xcs_jax: {n} host call(s) did not stop when their run failed or timed out "
+          "(a host function that ignores cancellation, or a blocking provider call); "
+          "they go on in the background, their results discarded, on workers of their "
+          "own, so later calls do not wait for them. `xcs_jax.usage()` counts them as "
+          "`abandoned`. (Warned once per runtime.)", RuntimeWarning, stacklevel=2)
+
+  def _check_open(self) -> None:
+    if self._closed:
+      raise RuntimeClosedError(
+          f"xcs_jax runtime {self.name!r} is closed: make calls inside its `with` block, "
+          "or make a new one with `xcs_jax.runtime()`.")
+
+  @property
+  def closed(self) -> bool:
+    return self._closed
+
+  # -- being current ---------------------------------------------------------
+
+  def _make_current(self):
+    return _CURRENT.set(self)
+
+  @staticmethod
+  def _reset_current(token) -> None:
+    _CURRENT.reset(token)
+
+  def __enter__(self) -> "Runtime":
+    self._check_open()
+    self._tokens.append(_CURRENT.set(self))
+    return self
+
+  def __exit__(self, *exc) -> None:
+    _CURRENT.reset(self._tokens.pop())
+    self.close()
+
+  def close(self) -> None:
+    """Shuts the runtime down: idle workers end, async clients and the event
+    loop close, loaded models are freed. Calls still running (abandoned
+    ones) end in the background; nothing new starts."""
+    with self._lock:
+      if self._closed:
+        return
+      self._closed = True
+      providers = list(self._providers.values())
+      pool, loop = self._pool, self._loop
+    for p in providers:
+      p.close(self)
+    if loop is not None:
+      loop.close()
+    if pool is not None:
+      pool.close()
+
+  def __repr__(self) -> str:
+    state = "closed" if self._closed else "open"
+    return f"xcs_jax.Runtime(name={self.name!r}, {state})"
+
+
+_default: Runtime | None = None
+_default_lock = threading.Lock()
+
+
+def default_runtime() -> Runtime:
+  """The process-wide runtime of users who never name one."""
+  global _default
+  rt = _default
+  if rt is None:
+    with _default_lock:
+      if _default is None:
+        _default = Runtime(name="xcs")
+        atexit.register(_default.close)
+      rt = _default
+  return rt
+
+
+def current_runtime() -> Runtime:
+  """The runtime current in this context: the innermost `with xcs_jax.runtime()`
+  block, else the default runtime."""
+  rt = _CURRENT.get()
+  return rt if rt is not None else default_runtime()
+
+
+def runtime(*, name: str = "xcs", cancel_grace_s: float = DEFAULT_CANCEL_GRACE_S,
+            clock: executor.Clock | None = None) -> Runtime:
+  """A new runtime; `with xcs_jax.runtime() as rt:` makes it current and closes it.
+
+  Args:
+    name: a readable name (its worker threads are named after it).
+    cancel_grace_s: after a failure, how long running calls get to stop before
+      they are abandoned (default 0.02 s).
+    clock: a `Clock` (tests inject one that does not sleep).
+
+  Examples:
+    >>> with xcs_jax.runtime() as rt:
+    ...   answers = f(prompts)
+    ...   print(xcs_jax.usage())     # this runtime's calls only
+  """
+  return Runtime(name=name, cancel_grace_s=cancel_grace_s, clock=clock)
+
+
+class TraceRuntime:
+  """The runtime a plain `jax.jit` callback uses: the one current at trace time.
+
+  Holds it weakly (a compiled function must not keep a runtime alive); a
+  function traced under the default runtime follows the default.
+  """
+
+  __slots__ = ("_ref",)
+
+  def __init__(self):
+    rt = _CURRENT.get()
+    self._ref = None if rt is None else weakref.ref(rt)
+
+  def get(self) -> Runtime:
+    if self._ref is None:
+      return default_runtime()
+    rt = self._ref()
+    if rt is None or rt.closed:
+      raise RuntimeClosedError(
+          "this function was traced by `jax.jit` under an xcs_jax runtime that is now "
+          "closed, and its compiled form still calls into it. Trace it again where the "
+          "runtime you want is current (`jax.clear_caches()` drops the old "
+          "compilation), or use `xcs_jax.jit`, which uses the current runtime at each call.")
+    return rt
