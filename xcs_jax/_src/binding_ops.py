@@ -61,25 +61,33 @@ class BindingOp(HostCallOp):
     t = self.binding.get("timeout_s")
     return None if t is None else float(t)
 
-  def _call_parts(self, runtime):
-    provider = provider_of(self.binding, runtime)
-    backoff = base.Backoff(int(self.binding.get("retries")), provider.is_transient)
-    return getattr(provider, self.method), backoff
-
   def is_async(self, runtime):
     return base.is_async_method(getattr(provider_of(self.binding, runtime), self.method))
 
+  def prepare(self, runtime):
+    provider = provider_of(self.binding, runtime)
+    method = getattr(provider, self.method)
+    backoff = base.Backoff(int(self.binding.get("retries")), provider.is_transient)
+    usage, binding = runtime.usage, self.binding
+
+    if base.is_async_method(method):
+      async def acall(ctx, inputs):
+        value = await base.acall_provider(usage, binding, backoff, method,
+                                          self.request_args(inputs), ctx)
+        return self.outputs(value)
+      return acall
+
+    def call(ctx, inputs):
+      value = base.call_provider(usage, binding, backoff, method, self.request_args(inputs),
+                                 ctx)
+      return self.outputs(value)
+    return call
+
   def call_example(self, runtime, ctx, inputs):
-    method, backoff = self._call_parts(runtime)
-    value = base.call_provider(runtime.usage, self.binding, backoff, method,
-                               self.request_args(inputs), ctx)
-    return self.outputs(value)
+    return self.prepare(runtime)(ctx, inputs)
 
   async def acall_example(self, runtime, ctx, inputs):
-    method, backoff = self._call_parts(runtime)
-    value = await base.acall_provider(runtime.usage, self.binding, backoff, method,
-                                      self.request_args(inputs), ctx)
-    return self.outputs(value)
+    return await self.prepare(runtime)(ctx, inputs)
 
   def record_abandoned(self, runtime, n):
     runtime.usage.add(self.binding, abandoned=n)

@@ -26,6 +26,7 @@ site, its binding and its line.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import threading
 from typing import Any, Callable, Sequence
@@ -75,6 +76,13 @@ class HostCallOp:
   def is_async(self, runtime: Runtime) -> bool:
     return False
 
+  def prepare(self, runtime: Runtime) -> Callable:
+    """`call(ctx, inputs)` for every example of one batch: what `call_example`
+    (or `acall_example`) looks up once per batch rather than once per call."""
+    if self.is_async(runtime):
+      return functools.partial(self.acall_example, runtime)
+    return functools.partial(self.call_example, runtime)
+
   def limit(self, runtime: Runtime) -> tuple[Any, int] | None:
     """(key, limit): the concurrency limit this op's calls hold, or None."""
     return None
@@ -106,16 +114,17 @@ class HostCallOp:
     """
     runtime = scope.runtime
     is_async = self.is_async(runtime)
+    call = self.prepare(runtime)
 
     def example(i):
       return [x[i] if b else x for x, b in zip(inputs, in_batched)]
 
     if is_async:
       async def item(i, ctx):
-        return await self.acall_example(runtime, ctx, example(i))
+        return await call(ctx, example(i))
     else:
       def item(i, ctx):
-        return self.call_example(runtime, ctx, example(i))
+        return call(ctx, example(i))
 
     def wrap_error(error, i):
       if isinstance(source, tuple):

@@ -332,7 +332,10 @@ class Job:
     return True
 
   def _release(self, lane: _Lane) -> None:
-    if self.limit_key is not None and not lane.detached:
+    """Gives the lane's limit slot back as it ends (unless its abandonment
+    already did: a host function's slot is free once it is abandoned, a
+    request's only when it really ends, since the server still sees it)."""
+    if self.limit_key is not None and not (lane.detached and self.release_on_abandon):
       self.scope.runtime.limits.release(self.limit_key)
 
   def _take(self) -> int | None:
@@ -350,6 +353,7 @@ class Job:
     lane = _Lane(self)
     scope._enter(lane)
     token = scope.runtime._make_current()
+    seconds = 0.0
     try:
       while (i := self._take()) is not None:
         ctx = lane.ctx = self._context(i)
@@ -358,7 +362,7 @@ class Job:
           result, error = self.run_item(i, ctx), None
         except BaseException as e:  # reported through the scope
           result, error = None, e
-        scope.add_call_time(time.perf_counter() - start)
+        seconds += time.perf_counter() - start
         lane.ctx = None
         if lane.detached:
           return
@@ -368,6 +372,7 @@ class Job:
           return
         self._complete(i, result)
     finally:
+      scope.add_call_time(seconds)
       scope.runtime._reset_current(token)
       scope._leave(lane)
       self._release(lane)
@@ -381,6 +386,7 @@ class Job:
 
   async def _async_lane(self, lane: _Lane) -> None:
     scope = self.scope
+    seconds = 0.0
     try:
       while (i := self._take()) is not None:
         ctx = lane.ctx = self._context(i)
@@ -394,7 +400,7 @@ class Job:
           result, error = None, XCSCancelledError(f"cancelled: {scope.cancel_reason}")
         except Exception as e:  # reported through the scope
           result, error = None, e
-        scope.add_call_time(time.perf_counter() - start)
+        seconds += time.perf_counter() - start
         lane.ctx = None
         if lane.detached:
           return
@@ -404,6 +410,7 @@ class Job:
           return
         self._complete(i, result)
     finally:
+      scope.add_call_time(seconds)
       scope._leave(lane)
       self._release(lane)
 
@@ -473,8 +480,8 @@ def run_job(job: Job) -> list:
   job.start()
   try:
     scope.wait(job.done)
-  except BaseException:
-    scope.finish(grace_s=0.0)
+  except BaseException:  # an interrupt: cancelled by `wait`
+    scope.finish()
     raise
   if scope.error is not None:
     scope.finish()

@@ -44,8 +44,9 @@ class UsageMeter:
       u = self._by_binding.get(binding)
       if u is None:
         u = self._by_binding[binding] = Usage()
+      d = u.__dict__
       for k, v in deltas.items():
-        setattr(u, k, getattr(u, k) + v)
+        d[k] += v
 
   def get(self, binding) -> Usage:
     with self._lock:

@@ -308,10 +308,7 @@ class JitFunction:
     run_limit = RunLimit(self.max_concurrency) if self.max_concurrency else None
     try:
       outs = run_plan(entry.plan, leaves, scope=scope, run_limit=run_limit)
-    except KeyboardInterrupt:
-      scope.finish(grace_s=0.0)
-      raise
-    except BaseException:
+    except BaseException:  # a failure, or an interrupt (`Scope.wait` cancelled it)
       scope.finish()
       raise
     self._record(start, scope, entry.plan)

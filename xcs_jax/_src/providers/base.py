@@ -208,9 +208,9 @@ def call_provider(usage, binding, backoff: Backoff, method: Callable, args: tupl
         delay = backoff.delay(e, attempt)
         if delay is None:
           raise
+      ctx.sleep(delay)        # counts against the deadline
       attempt += 1
       meter.retried()
-      ctx.sleep(delay)
     if not ctx.abandoned:
       meter.succeeded(result)
     return result
@@ -229,8 +229,8 @@ async def acall_provider(usage, binding, backoff: Backoff, method: Callable, arg
         delay = backoff.delay(e, attempt)
         if delay is None:
           raise
+      await ctx.asleep(delay)
       attempt += 1
       meter.retried()
-      await ctx.asleep(delay)
     meter.succeeded(result)
     return result

@@ -88,7 +88,7 @@ class FakeProvider(base.Provider):
     `request` tells apart distinct requests on the same prompt (a seed, the
     options), each with its own count of transient failures.
     """
-    p = binding.options
+    p = binding._by_name  # read-only, no copy: this runs once per call
     if p["fail_on"] is not None and p["fail_on"] in prompt:
       raise FakeProviderError(f"injected failure: prompt contains {p['fail_on']!r}")
     if p["latency_s"]:
@@ -107,7 +107,7 @@ class FakeProvider(base.Provider):
 
   def generate(self, binding, prompt, seed, ctx):
     self._simulate(binding, prompt, ctx, request=("generate", seed))
-    return self._answer(binding.model, prompt, seed, binding.options)
+    return self._answer(binding.model, prompt, seed, binding._by_name)
 
   def score_options(self, binding, prompt, options, ctx):
     self._simulate(binding, prompt, ctx, request=("score", options))
