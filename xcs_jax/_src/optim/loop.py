@@ -9,6 +9,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from xcs_jax._src.jit.api import jit as xcs_jit
 from xcs_jax._src.optim.data import dataset_size, minibatches, num_batches
 from xcs_jax._src.optim.early_stopping import EarlyStopping
 from xcs_jax._src.optim.step import StepOutput
@@ -34,9 +35,8 @@ class FitResult(NamedTuple):
 
 
 def default_jit() -> Callable:
-  """`xcs_jax.jit` (concurrent model calls) where present, else `jax.jit`."""
-  import xcs_jax  # the package imports this module: look it up at call time
-  return getattr(xcs_jax, "jit", jax.jit)
+  """`xcs_jax.jit`: model calls in a step run concurrently."""
+  return xcs_jit
 
 
 def fit(step: Callable[..., StepOutput], params: optax.Params, opt_state: optax.OptState,
