@@ -7,7 +7,8 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 
 # llama.cpp must be built portable: the CPUs here report AMX but the VMs do
-# not allow it, and a native build dies in the first decode (FACTS.md).
+# not allow it, and a native build dies in the first decode (a general protection
+# fault at `ldtilecfg` in libggml-cpu.so).
 LLAMA_CPP_VERSION := 0.3.36
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 # Wheels are cached per version *and* build flags, so a wheel built with other

@@ -4,7 +4,8 @@ For each question, a sampler model answers N times (one PRNG key each), a
 majority vote picks the most frequent answer (tensor code) and a judge model
 writes a final answer from the candidates. The questions are independent, so
 `xcs_jax.jit` runs their calls concurrently; plain `jax.jit` runs every host
-call of the compiled program one after another (FACTS.md). The program is
+call of the compiled program one after another (XLA:CPU, measured: five
+independent 200 ms calls in one `jax.jit` take 1 s). The program is
 the same for both.
 
 On 2 CPU cores the local model is compute-bound (two llama.cpp instances

@@ -97,13 +97,6 @@ class HostCallOp:
   def record_dropped(self, runtime: Runtime, n: int) -> None:
     """Usage hook: `n` queued calls never started (their run failed first)."""
 
-  # Usage hooks under the names `Job` calls.
-  def abandoned(self, runtime, n):
-    self.record_abandoned(runtime, n)
-
-  def dropped(self, runtime, n):
-    self.record_dropped(runtime, n)
-
   def start_batch(self, scope: Scope, inputs: Sequence[np.ndarray],
                   in_batched: Sequence[bool], n: int, source: Any,
                   on_done: Callable[[Job], None] | None = None) -> Job:

@@ -274,7 +274,8 @@ class Job:
       (a host function); otherwise when it really ends (a network request).
     wrap_error: `wrap_error(error, i)` is the error raised for item i.
     on_done: called (from any thread) once the job completed or failed.
-    hooks: the op's usage hooks (`abandoned(k)`, `dropped(k)`), or None.
+    hooks: the op's usage hooks (`record_abandoned(runtime, k)`,
+      `record_dropped(runtime, k)`), or None.
   """
 
   def __init__(self, scope: Scope, n: int, run_item: Callable, *,
@@ -363,19 +364,11 @@ class Job:
         except BaseException as e:  # reported through the scope
           result, error = None, e
         seconds += time.perf_counter() - start
-        lane.ctx = None
-        if lane.detached:
+        if not self._item_ended(lane, i, result, error):
           return
-        if error is not None:
-          self._fail(error if isinstance(error, XCSCancelledError)
-                     else self.wrap_error(error, i))
-          return
-        self._complete(i, result)
     finally:
-      scope.add_call_time(seconds)
       scope.runtime._reset_current(token)
-      scope._leave(lane)
-      self._release(lane)
+      self._lane_ended(lane, seconds)
 
   def _start_async_lane(self) -> None:
     lane = _Lane(self)
@@ -401,18 +394,29 @@ class Job:
         except Exception as e:  # reported through the scope
           result, error = None, e
         seconds += time.perf_counter() - start
-        lane.ctx = None
-        if lane.detached:
+        if not self._item_ended(lane, i, result, error):
           return
-        if error is not None:
-          self._fail(error if isinstance(error, XCSCancelledError)
-                     else self.wrap_error(error, i))
-          return
-        self._complete(i, result)
     finally:
-      scope.add_call_time(seconds)
-      scope._leave(lane)
-      self._release(lane)
+      self._lane_ended(lane, seconds)
+
+  def _item_ended(self, lane: _Lane, i: int, result: Any,
+                  error: BaseException | None) -> bool:
+    """Records item i's outcome (unless its lane was abandoned); whether the
+    lane goes on to the next item."""
+    lane.ctx = None
+    if lane.detached:
+      return False
+    if error is not None:
+      self._fail(error if isinstance(error, XCSCancelledError)
+                 else self.wrap_error(error, i))
+      return False
+    self._complete(i, result)
+    return True
+
+  def _lane_ended(self, lane: _Lane, seconds: float) -> None:
+    self.scope.add_call_time(seconds)
+    self.scope._leave(lane)
+    self._release(lane)
 
   # -- completion ------------------------------------------------------------
 
@@ -453,7 +457,7 @@ class Job:
     if self.release_on_abandon and self.limit_key is not None:
       self.scope.runtime.limits.release(self.limit_key)
     if self.hooks is not None and ctx is not None:
-      self.hooks.abandoned(self.scope.runtime, 1)
+      self.hooks.record_abandoned(self.scope.runtime, 1)
     return 1 if ctx is not None else 0
 
   def _abandon_timed_out(self, lane: _Lane, ctx: CallContext) -> None:
@@ -471,7 +475,7 @@ class Job:
       self._dropped_counted = True
     started = min(self.n, next(self._next))
     if self.hooks is not None and started < self.n:
-      self.hooks.dropped(self.scope.runtime, self.n - started)
+      self.hooks.record_dropped(self.scope.runtime, self.n - started)
 
 
 def run_job(job: Job) -> list:

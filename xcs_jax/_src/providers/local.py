@@ -330,7 +330,6 @@ class LocalProvider(base.Provider):
     return _checked_log_probs(scores, options)
 
   def embed(self, binding, text, ctx):
-    p = binding.options
     with self._pool(binding, "embed").checkout(ctx) as m:
       ctx.check_deadline()
       n_tokens = len(m.llama.tokenize(text.encode("utf-8"), add_bos=True))
