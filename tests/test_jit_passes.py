@@ -197,55 +197,98 @@ def _assert_acyclic_and_ordered(graph):
     (chain_of_calls, (1.0,)),
 ])
 def test_partition_is_acyclic_and_topologically_ordered(f, args):
-  _assert_acyclic_and_ordered(graph_of(f, *args))
+  graph = graph_of(f, *args)
+  _assert_acyclic_and_ordered(graph)
+  _assert_no_node_waits_on_work_it_does_not_need(graph)
 
 
-def test_partition_ancestor_set_rule():
-  """Tensor eqns with the same set of call ancestors share one segment; a
-  segment never waits on a call it does not depend on."""
+def _host_ancestors(graph, node_index, memo=None):
+  """The orchestration nodes a node transitively waits for."""
+  memo = {} if memo is None else memo
+  if node_index not in memo:
+    nodes = {n.index: n for n in graph.nodes}
+    out = set()
+    for d in nodes[node_index].deps:
+      if nodes[d].kind is not Kind.TENSOR:
+        out.add(d)
+      out |= _host_ancestors(graph, d, memo)
+    memo[node_index] = out
+  return memo[node_index]
+
+
+def _assert_no_node_waits_on_work_it_does_not_need(graph):
+  """A segment read by a node waits for no call that node does not wait for."""
+  nodes = {n.index: n for n in graph.nodes}
+  for n in graph.orchestration_nodes():
+    for d in n.deps:
+      if nodes[d].kind is Kind.TENSOR:
+        assert _host_ancestors(graph, d) <= _host_ancestors(graph, n.index)
+
+
+def test_partition_defers_cheap_output_work_to_one_epilogue():
+  """Cheap tensor work that only feeds the outputs runs once, in one segment,
+  however many calls it combines."""
   def f(x):
     a, b = h(x), g(x)
     left = jnp.sin(a) * 2.0       # depends on h only
     right = jnp.cos(b) * 3.0      # depends on g only
-    pre1, pre2 = x * 2.0, x + 1.0  # depends on no call: one segment with each other
+    pre1, pre2 = x * 2.0, x + 1.0  # depends on no call
     return left + right + pre1 + pre2
 
   graph = graph_of(f, 1.0)
   tensor = graph.tensor_nodes()
-  host = {n.eqns[0].params["op"].name: n.index for n in graph.orchestration_nodes()}
-  by_ops = {frozenset(e.name for e in n.eqns): n for n in tensor}
-  left = next(n for ops, n in by_ops.items() if "sin" in ops)
-  right = next(n for ops, n in by_ops.items() if "cos" in ops)
-  assert left is not right
-  assert left.deps == {host["h"]} and right.deps == {host["g"]}
-  # The two call-free eqns landed in one segment with no call dependency.
-  free = [n for n in tensor if not n.deps]
-  assert len(free) == 1 and {"mul", "add"} <= {e.name for e in free[0].eqns}
+  host = {n.eqn.params["op"].name: n.index for n in graph.orchestration_nodes()}
+  assert len(tensor) == 1
+  (epilogue,) = tensor
+  assert {"sin", "cos", "mul", "add"} <= {e.name for e in epilogue.eqns}
+  assert epilogue.deps == {host["h"], host["g"]}
   _assert_acyclic_and_ordered(graph)
 
 
-def test_partition_removes_dead_code_and_unused_calls():
+def test_partition_runs_expensive_work_as_soon_as_its_inputs_are_ready():
+  """A heavy matmul on one call's output does not wait for the other call."""
+  big = jnp.ones((512, 512), jnp.float32)
+  vec = xcs_jax.host_op(lambda x: np.full((512,), x, np.float32),
+                        out_spec=jax.ShapeDtypeStruct((512,), jnp.float32), name="vec")
+
   def f(x):
-    unused = h(x) * 100.0  # noqa: F841 (dead: never made)
-    return g(x) + 1.0
+    heavy = jnp.tanh(big @ (big @ vec(x)))   # 2 x 262k multiply-adds: expensive
+    return heavy.sum() + g(x)
 
-  prog = expose_calls(jax.make_jaxpr(f)(1.0))
-  assert len(host_eqns(prog)) == 2
-  live = live_eqns(prog)
-  assert [e.params["op"].name for e in live if e.primitive in HOST_PRIMITIVES] == ["g"]
-  assert "mul" not in [e.name for e in live]
-  graph = partition_segments(prog)
-  assert len(graph.orchestration_nodes()) == 1
+  graph = graph_of(f, 1.0)
+  host = {n.eqn.params["op"].name: n.index for n in graph.orchestration_nodes()}
+  heavy = next(n for n in graph.tensor_nodes() if "dot_general" in {e.name for e in n.eqns})
+  assert heavy.deps == {host["vec"]}       # not g's
+  _assert_no_node_waits_on_work_it_does_not_need(graph)
 
-  rec = Recorder()
-  used, dead = rec.op("used"), rec.op("dead")
 
-  def with_dead_call(x):
-    dead(x)  # result unused: removed like any dead code, never called
-    return used(x)
+def test_partition_keeps_prologue_work_before_the_calls_that_read_it():
+  def f(x):
+    p1, p2 = x * 2.0, x + 1.0
+    a = h(p1)
+    return g(a * p2)    # a * p2 runs after h: it needs a; p2 is read by it
 
-  assert float(xcs_jax.jit(with_dead_call)(1.0)) == 2.0
-  assert rec.names() == ["used"]  # the unused call is never made
+  graph = graph_of(f, 1.0)
+  host = {n.eqn.params["op"].name: n.index for n in graph.orchestration_nodes()}
+  first = [n for n in graph.tensor_nodes() if not n.deps]
+  assert len(first) == 1 and {"mul"} <= {e.name for e in first[0].eqns}
+  _assert_no_node_waits_on_work_it_does_not_need(graph)
+  assert host["h"] in _host_ancestors(graph, host["g"])
+
+
+def test_partition_of_a_python_sum_of_call_sites_is_a_prologue_and_an_epilogue():
+  def f(x):
+    return sum(h(x + i) for i in range(40))
+
+  graph = graph_of(f, 1.0)
+  assert len(graph.orchestration_nodes()) == 40
+  assert len(graph.tensor_nodes()) == 2
+  plan = build_plan(jax.make_jaxpr(f)(1.0))
+  kinds = sorted(s.kind.value for s in plan.steps.values())
+  assert kinds == ["host", "tensor", "tensor"]   # one batched call between them
+  names = {e.name for e in plan.program.eqns}
+  assert "xcs_fold" in names and "xcs_vmap" in names
+  np.testing.assert_array_equal(xcs_jax.jit(f)(1.0), jax.jit(f)(1.0))
 
 
 # --- analyze ----------------------------------------------------------------------
@@ -330,6 +373,6 @@ def test_plan_compiles_each_tensor_segment_once():
 def test_render_plan_text():
   plan = build_plan(jax.make_jaxpr(three_independent_calls)(1.0))
   out = render_plan(plan, title="t")
-  assert out.startswith("t: strategy 'hybrid', 3 tensor segment(s), 3 orchestration")
+  assert out.startswith("t: strategy 'hybrid', 2 tensor segment(s), 3 orchestration")
   assert "host_op h" in out and "host_op g" in out and __file__ in out
   assert "parallel groups (run together):" in out and "critical path (1 call(s))" in out

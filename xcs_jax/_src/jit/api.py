@@ -15,7 +15,7 @@ import numpy as np
 
 from xcs_jax._src import compat
 from xcs_jax._src.jit.explain import render_plan
-from xcs_jax._src.jit.plan import Plan, build_plan
+from xcs_jax._src.jit.plan import Plan, SegmentCache, build_plan
 from xcs_jax._src.jit.scheduler import RunLimit, run_plan
 from xcs_jax._src.primitives import watch_host_calls
 from xcs_jax._src.runtime import Runtime, current_runtime
@@ -111,6 +111,7 @@ class JitFunction:
                        f"kept); got {cache_size!r}.")
     self._cache_size = cache_size
     self._cache: collections.OrderedDict = collections.OrderedDict()
+    self._segments = SegmentCache()
     self._lock = threading.Lock()
     self._building: dict = {}
     self._warned_fallback = False
@@ -204,7 +205,8 @@ class JitFunction:
             RuntimeWarning, stacklevel=5)
       return _Entry(None, _FALLBACK)
     # Under max_concurrency a batched call would count as one call: keep call sites apart.
-    plan = build_plan(closed, batch_calls=self.max_concurrency is None)
+    plan = build_plan(closed, batch_calls=self.max_concurrency is None,
+                      segments=self._segments)
     entry = _Entry(plan, out_tree_box[0], objects)
     # A call site whose output is unused is dropped from the plan, yet jax.jit's
     # own trace would still bind it: such a function never takes the fast path.

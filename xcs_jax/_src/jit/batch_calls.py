@@ -4,8 +4,9 @@ written `vmap`.
 
 Unbatched calls of the same op with the same input shapes and the same set
 of host-call ancestors become ready at (almost) the same moment; when their
-outputs are also read by the same equations (all of them feed one `stack`,
-say), nothing downstream could start before the slowest of them anyway.
+outputs are also read by the same nodes (one tensor segment, such as the
+epilogue that adds them up, or one `stack`), nothing downstream could start
+before the slowest of them anyway.
 Only then are they batched, so a fast call's own downstream work never
 waits on a slow sibling. Rewritten as
 stack -> one batched host call -> unstack, they run exactly as a `vmap` of the
@@ -21,62 +22,13 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import heapq
-
-import jax.numpy as jnp
 
 from xcs_jax._src import compat
-from xcs_jax._src.jit.classify import Kind, classify
-from xcs_jax._src.jit.ir import Eqn, Program
-from xcs_jax._src.jit.partition import live_eqns
+from xcs_jax._src.jit.classify import Kind
+from xcs_jax._src.jit.ir import Eqn, Program, sort_eqns
+from xcs_jax._src.jit.partition import segment_keys
+from xcs_jax._src.jit.pseudo import STACK, UNSTACK
 from xcs_jax._src.primitives import HOST_PRIMITIVES
-
-
-@dataclasses.dataclass(frozen=True)
-class _PseudoPrimitive:
-  """A tensor operation the passes insert; segments evaluate it with jnp."""
-  name: str
-  multiple_results: bool = True
-
-
-STACK = _PseudoPrimitive("xcs_stack")      # ins: g values -> outs: [stacked]
-UNSTACK = _PseudoPrimitive("xcs_unstack")  # ins: [stacked] -> outs: g values
-
-
-def bind_pseudo(eqn: Eqn, values: list) -> list | None:
-  """Evaluates an inserted eqn (inside a traced segment); None for real ones."""
-  if eqn.primitive is STACK:
-    return [jnp.stack(values)]
-  if eqn.primitive is UNSTACK:
-    (stacked,) = values
-    return [stacked[i] for i in range(len(eqn.outs))]
-  return None
-
-
-def _ancestor_keys(eqns: list) -> dict:
-  """eqn index -> frozenset of the host-call eqn indices its inputs depend on."""
-  ancestors: dict[int, frozenset] = {}
-  keys = {}
-  for i, eqn in enumerate(eqns):
-    key = frozenset().union(*(ancestors.get(r, ()) for r in eqn.ins if isinstance(r, int)))
-    keys[i] = key
-    out_key = key if classify(eqn) is Kind.TENSOR else key | {i}
-    for o in eqn.outs:
-      ancestors[o] = out_key
-  return keys
-
-
-def _readers(eqns: list, prog: Program) -> dict:
-  """ref -> the eqn indices reading it (-1: a program output)."""
-  readers = collections.defaultdict(set)
-  for i, eqn in enumerate(eqns):
-    for r in eqn.ins:
-      if isinstance(r, int):
-        readers[r].add(i)
-  for r in prog.outvars:
-    if isinstance(r, int):
-      readers[r].add(-1)
-  return readers
 
 
 def _is_call(eqn: Eqn) -> bool:
@@ -90,17 +42,29 @@ def _batchable(eqn: Eqn) -> bool:
           and not getattr(p["op"], "vectorized", False))
 
 
+def _waited_for_by(k, i: int, outvars: set) -> frozenset:
+  """The nodes that read call i's outputs: tensor readers by their segment key
+  (one segment waits for all its inputs at once), others by position."""
+  nodes = set()
+  for o in k.eqns[i].outs:
+    if o in outvars:
+      nodes.add(("output",))
+    for j in k.readers.get(o, ()):
+      nodes.add(("segment", k.keys[j]) if k.kinds[j] is Kind.TENSOR else ("node", j))
+  return frozenset(nodes)
+
+
 def batch_sibling_calls(prog: Program) -> Program:
-  eqns = live_eqns(prog)
-  keys = _ancestor_keys(eqns)
-  readers = _readers(eqns, prog)
+  k = segment_keys(prog)
+  eqns = k.eqns
+  outvars = {r for r in prog.outvars if isinstance(r, int)}
   groups = collections.defaultdict(list)
   for i, eqn in enumerate(eqns):
     if _batchable(eqn):
       signature = tuple((tuple(prog.avals[r].shape), str(prog.avals[r].dtype))
                         for r in eqn.ins)
-      waited_by = frozenset().union(*(readers[o] for o in eqn.outs))
-      groups[(eqn.params["op"], signature, keys[i], waited_by)].append(i)
+      groups[(eqn.params["op"], signature, k.ancestors[i],
+              _waited_for_by(k, i, outvars))].append(i)
   groups = [g for g in groups.values() if len(g) > 1]
   if not groups:
     return prog
@@ -137,30 +101,4 @@ def batch_sibling_calls(prog: Program) -> Program:
     for k, s in enumerate(stacked_outs):
       added.append(Eqn(UNSTACK, {}, (s,), tuple(c.outs[k] for c in calls)))
   kept = [e for i, e in enumerate(eqns) if i not in replaced]
-  return dataclasses.replace(prog, eqns=_topological(kept + added, prog), avals=avals)
-
-
-def _topological(eqns: list, prog: Program) -> list:
-  """`eqns` in an order where every ref is defined before it is read (stable)."""
-  defined = set(prog.invars) | set(prog.consts)
-  producer = {o: i for i, e in enumerate(eqns) for o in e.outs}
-  waiting = {}
-  readers = collections.defaultdict(list)
-  for i, e in enumerate(eqns):
-    needs = {r for r in e.ins if isinstance(r, int) and r not in defined}
-    needs = {producer[r] for r in needs}
-    waiting[i] = len(needs)
-    for p in needs:
-      readers[p].append(i)
-  ready = [i for i, n in waiting.items() if n == 0]
-  heapq.heapify(ready)
-  order = []
-  while ready:
-    i = heapq.heappop(ready)
-    order.append(eqns[i])
-    for j in readers[i]:
-      waiting[j] -= 1
-      if waiting[j] == 0:
-        heapq.heappush(ready, j)
-  assert len(order) == len(eqns), "batch_sibling_calls made a cycle"
-  return order
+  return dataclasses.replace(prog, eqns=sort_eqns(kept + added, prog), avals=avals)

@@ -6,7 +6,7 @@ from xcs_jax._src.jit.classify import Kind
 
 def describe_node(node) -> str:
   """One orchestration node of the graph, as `explain` shows it."""
-  eqn = node.eqns[0]
+  eqn = node.eqn
   if node.kind is Kind.HOST:
     p = eqn.params
     return f"{p['op'].kind} {p['op'].describe()} at {p['source']}"

@@ -6,7 +6,9 @@ renaming across jax versions, needs no fresh jax Vars.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
+import heapq
 from typing import Any, Union
 
 
@@ -51,3 +53,29 @@ def eval_eqns(eqns, in_ids, out_ids, args, bind) -> list:
   for eqn in eqns:
     env.update(zip(eqn.outs, bind(eqn, [read(r, env) for r in eqn.ins])))
   return [read(r, env) for r in out_ids]
+
+
+def sort_eqns(eqns: list, prog: Program) -> list:
+  """`eqns` in an order where every ref is defined before it is read (stable)."""
+  defined = set(prog.invars) | set(prog.consts)
+  producer = {o: i for i, e in enumerate(eqns) for o in e.outs}
+  waiting = {}
+  readers = collections.defaultdict(list)
+  for i, e in enumerate(eqns):
+    needs = {r for r in e.ins if isinstance(r, int) and r not in defined}
+    needs = {producer[r] for r in needs}
+    waiting[i] = len(needs)
+    for p in needs:
+      readers[p].append(i)
+  ready = [i for i, n in waiting.items() if n == 0]
+  heapq.heapify(ready)
+  order = []
+  while ready:
+    i = heapq.heappop(ready)
+    order.append(eqns[i])
+    for j in readers[i]:
+      waiting[j] -= 1
+      if waiting[j] == 0:
+        heapq.heappush(ready, j)
+  assert len(order) == len(eqns), "a pass made a cycle"
+  return order

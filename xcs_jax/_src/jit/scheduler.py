@@ -23,6 +23,7 @@ import jax.numpy as jnp
 
 from xcs_jax._src.jit.classify import Kind
 from xcs_jax._src.jit.ir import read
+from xcs_jax._src.jit.pseudo import run_on_host
 from xcs_jax._src.primitives import HostCall
 from xcs_jax._src.scope import Scope
 
@@ -103,7 +104,12 @@ class _PlanRun:
     return run_plan(plan, list(args), scope=scope, run_limit=self.run_limit)
 
   def _start(self, step) -> None:
-    values = [read(r, self.env) for r in step.eqn.ins]  # in eqn order, literals too
+    env = self.env
+    if step.pre:  # STACKs of the call's inputs, in numpy (see partition.py)
+      env = dict(env)
+      for e in step.pre:
+        env.update(zip(e.outs, run_on_host(e, [read(r, env) for r in e.ins])))
+    values = [read(r, env) for r in step.eqn.ins]  # in eqn order, literals too
     self.in_flight += 1
     if step.kind is not Kind.HOST:
       self._start_control(step, values)
@@ -115,6 +121,8 @@ class _PlanRun:
 
   def _finish(self, step, outs) -> None:
     self.env.update(zip(step.out_ids, outs))
+    for e in step.post:  # UNSTACKs of the call's outputs, in numpy
+      self.env.update(zip(e.outs, run_on_host(e, [read(r, self.env) for r in e.ins])))
     for d in step.dependents:
       self.waiting[d] -= 1
       if self.waiting[d] == 0:
