@@ -1,7 +1,10 @@
 """Shared test helpers: in-flight recorders, unique bindings, thread checks."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
+import inspect
 import itertools
 import os
 import sys
@@ -22,9 +25,11 @@ class InFlight:
   """Counts calls in flight, and the most that were ever in flight at once.
 
   Concurrency is checked by construction: tests look at `peak`, never at
-  wall time. `barrier` (optional) makes every call wait until `parties` calls
-  are in flight together, so a test fails (BrokenBarrierError after
-  `timeout_s`) if the calls were not concurrent.
+  wall time. `parties` (optional) makes every call wait until that many calls
+  are in flight together, so a test fails (BrokenBarrierError or TimeoutError
+  after `timeout_s`) if the calls were not concurrent. Calls on threads wait
+  at a `threading.Barrier`, `async def` calls (all on one event loop) at an
+  `asyncio.Barrier`.
   """
 
   def __init__(self, parties: int | None = None, timeout_s: float = 20.0):
@@ -32,23 +37,50 @@ class InFlight:
     self.now = 0
     self.peak = 0
     self.calls = 0
+    self.parties, self.timeout_s = parties, timeout_s
     self.barrier = threading.Barrier(parties, timeout=timeout_s) if parties else None
+    self._abarrier = None
 
-  @contextlib.contextmanager
-  def track(self):
+  def _enter(self) -> None:
     with self._lock:
       self.now += 1
       self.calls += 1
       self.peak = max(self.peak, self.now)
+
+  def _exit(self) -> None:
+    with self._lock:
+      self.now -= 1
+
+  @contextlib.contextmanager
+  def track(self):
+    self._enter()
     try:
       if self.barrier is not None:
         self.barrier.wait()
       yield
     finally:
-      with self._lock:
-        self.now -= 1
+      self._exit()
+
+  @contextlib.asynccontextmanager
+  async def atrack(self):
+    self._enter()
+    try:
+      if self.parties:
+        if self._abarrier is None:
+          self._abarrier = asyncio.Barrier(self.parties)
+        await asyncio.wait_for(self._abarrier.wait(), self.timeout_s)
+      yield
+    finally:
+      self._exit()
 
   def wrap(self, fn: Callable) -> Callable:
+    """`fn`, tracked (an `async def` stays one)."""
+    if inspect.iscoroutinefunction(fn):
+      async def atracked(*args, **kwargs):
+        async with self.atrack():
+          return await fn(*args, **kwargs)
+      return atracked
+
     def tracked(*args, **kwargs):
       with self.track():
         return fn(*args, **kwargs)
@@ -72,12 +104,11 @@ def fake_inflight(monkeypatch):
   included) and returns it.
   """
   provider = xcs_jax.current_runtime().provider("fake")
-  original = type(provider).generate
+  original = functools.partial(type(provider).generate, provider)
 
   def install(parties: int | None = None, timeout_s: float = 20.0) -> InFlight:
     rec = InFlight(parties, timeout_s)
-    monkeypatch.setattr(provider, "generate",
-                        rec.wrap(lambda *a, **k: original(provider, *a, **k)))
+    monkeypatch.setattr(provider, "generate", rec.wrap(original))
     return rec
 
   return install

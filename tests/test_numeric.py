@@ -1,4 +1,5 @@
 """Numeric model outputs: `ModelBinding.score_options` and `ModelBinding.embed`."""
+import functools
 import os
 import re
 import subprocess
@@ -154,8 +155,7 @@ def test_batch_is_one_host_call_and_runs_concurrently(monkeypatch):
   for method in ("score_options", "embed"):
     rec = InFlight(parties=64)  # every call waits until 64 are in flight together
     original = getattr(type(provider), method)
-    monkeypatch.setattr(provider, method,
-                        rec.wrap(lambda *a, _f=original, **k: _f(provider, *a, **k)))
+    monkeypatch.setattr(provider, method, rec.wrap(functools.partial(original, provider)))
     b = unique_binding()
     prompts = text.encode([f"item {i}" for i in range(64)], 16)
     if method == "score_options":
@@ -174,8 +174,7 @@ def test_xcs_jax_jit_runs_score_and_embed_calls_at_once(monkeypatch):
   rec = InFlight(parties=2)  # each call waits until the other one is in flight
   for method in ("score_options", "embed"):
     original = getattr(type(provider), method)
-    monkeypatch.setattr(provider, method,
-                        rec.wrap(lambda *a, _f=original, **k: _f(provider, *a, **k)))
+    monkeypatch.setattr(provider, method, rec.wrap(functools.partial(original, provider)))
   b = unique_binding()
 
   @xcs_jax.jit
@@ -191,8 +190,7 @@ def test_concurrency_limit_bounds_calls_in_flight(monkeypatch):
   provider = xcs_jax.current_runtime().provider("fake")
   rec = InFlight()
   original = type(provider).score_options
-  monkeypatch.setattr(provider, "score_options",
-                      rec.wrap(lambda *a, **k: original(provider, *a, **k)))
+  monkeypatch.setattr(provider, "score_options", rec.wrap(functools.partial(original, provider)))
   b = unique_binding(latency_s=0.02, concurrency=4)
   b.score_options(text.encode([f"x{i}" for i in range(16)], 8), OPTS)
   assert rec.calls == 16 and rec.peak <= 4

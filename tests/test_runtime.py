@@ -165,6 +165,12 @@ class VirtualClock(extend.Clock):
       self.t += max(0.0, seconds)
     return event.is_set()
 
+  async def sleep(self, seconds):
+    with self._lock:
+      self.waits.append(seconds)
+      self.t += max(0.0, seconds)
+    await asyncio.sleep(0)
+
 
 def test_backoff_sleeps_count_against_the_deadline():
   clock = VirtualClock()

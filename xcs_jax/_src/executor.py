@@ -27,7 +27,9 @@ class Clock:
   """Time as the runtime sees it; tests inject one that does not sleep.
 
   `now()` is a `time.monotonic()`-like reading; `wait(event, seconds)` waits
-  up to `seconds` for `event` and says whether it was set.
+  up to `seconds` for `event` and says whether it was set; `await
+  sleep(seconds)` sleeps on the event loop (async providers, which are
+  cancelled by their task instead of an event).
   """
 
   def now(self) -> float:
@@ -35,6 +37,9 @@ class Clock:
 
   def wait(self, event: threading.Event, seconds: float) -> bool:
     return event.wait(max(0.0, seconds))
+
+  async def sleep(self, seconds: float) -> None:
+    await asyncio.sleep(max(0.0, seconds))
 
 
 REAL_CLOCK = Clock()

@@ -62,6 +62,10 @@ class HostFnOp(HostCallOp):
   def describe(self) -> str:
     return self.name
 
+  @property
+  def streamable(self) -> bool:
+    return not self.vectorized   # a vectorized function sees whole batches
+
   def no_gradient_message(self) -> str:
     if self.grad is None:
       return super().no_gradient_message()

@@ -43,6 +43,15 @@ class ModelBinding:
   def _by_name(self) -> Mapping[str, Any]:
     return types.MappingProxyType(dict(self.params))
 
+  @functools.cached_property
+  def _hash(self) -> int:
+    return hash((self.provider, self.model, self.params))
+
+  def __hash__(self) -> int:
+    # Computed once: a binding keys usage counters, limits and caches on
+    # every call, and hashing all its parameters each time costs microseconds.
+    return self._hash
+
   @property
   def options(self) -> dict[str, Any]:
     """Every parameter by name (a copy)."""

@@ -38,7 +38,7 @@ import numpy as np
 from xcs_jax._src import compat
 from xcs_jax._src.errors import XCSExecutionError, XCSError
 from xcs_jax._src.runtime import Runtime, TraceRuntime, current_runtime
-from xcs_jax._src.scope import CallContext, Job, Scope, run_job
+from xcs_jax._src.scope import CallContext, Job, Scope, wait_for_job
 
 HOST_PRIMITIVES: set = set()
 """Every primitive that calls the host; passes classify eqns by membership."""
@@ -105,12 +105,21 @@ class HostCallOp:
     `source` is the user's line, or a tuple of lines (one per example) for
     call sites that `xcs_jax.jit` batched together.
     """
+    def example(i):
+      return [x[i] if b else x for x, b in zip(inputs, in_batched)]
+    return self.make_job(scope, n, example, source, on_done=on_done).start()
+
+  streamable = True
+  """Its examples can run one by one as their inputs arrive (`make_job`)."""
+
+  def make_job(self, scope: Scope, n: int, example: Callable[[int], list], source: Any, *,
+               on_done: Callable[[Job], None] | None = None,
+               on_item: Callable[[int, Any], None] | None = None) -> Job:
+    """A job of `n` examples, not started; `example(i)` gives example i's inputs
+    when it runs (a stream feeds examples as their inputs become ready)."""
     runtime = scope.runtime
     is_async = self.is_async(runtime)
     call = self.prepare(runtime)
-
-    def example(i):
-      return [x[i] if b else x for x, b in zip(inputs, in_batched)]
 
     if is_async:
       async def item(i, ctx):
@@ -128,8 +137,8 @@ class HostCallOp:
     key, limit = key_limit if key_limit is not None else (None, None)
     return Job(scope, n, item, limit_key=key, limit=limit, timeout_s=self.call_timeout_s(),
                hard_timeout=self.hard_timeout, release_on_abandon=self.release_on_abandon,
-               is_async=is_async, wrap_error=wrap_error, on_done=on_done,
-               hooks=self).start()
+               is_async=is_async, wrap_error=wrap_error, on_done=on_done, on_item=on_item,
+               hooks=self)
 
   def collect(self, job: Job) -> list[np.ndarray]:
     """The outputs of a finished batch, each with a leading axis `n`."""
@@ -204,7 +213,7 @@ def run_host_call(op: HostCallOp, batch_ndim: int, in_batched: tuple, source: An
   call = HostCall(op, batch_ndim, in_batched, source, args)
   scope = Scope(runtime or current_runtime())
   job = call.start(scope)
-  run_job(job)
+  wait_for_job(job)
   return call.outputs(job)
 
 

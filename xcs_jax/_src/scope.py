@@ -20,7 +20,7 @@ lane starts it, never while it waits in a queue.
 from __future__ import annotations
 
 import asyncio
-import itertools
+import collections
 import threading
 import time
 from typing import Any, Callable
@@ -101,21 +101,23 @@ class CallContext:
     """`sleep` for async providers (cancellation arrives as task cancellation)."""
     left = self.remaining()
     if left is not None and left < seconds:
-      await asyncio.sleep(max(0.0, left))
+      await self.clock.sleep(left)
       raise self.timeout_error()
-    await asyncio.sleep(seconds)
+    await self.clock.sleep(seconds)
 
 
 class _Lane:
   """One worker (or asyncio task) of a job, and the call it is running."""
 
-  __slots__ = ("job", "ctx", "detached", "task")
+  __slots__ = ("job", "ctx", "detached", "task", "deadline", "timed_out")
 
   def __init__(self, job: "Job"):
     self.job = job
     self.ctx: CallContext | None = None
     self.detached = False    # abandoned: it releases nothing and reports nothing
     self.task = None         # the asyncio task of an async lane
+    self.deadline = None     # async lanes: loop time the running call must end by
+    self.timed_out = False   # async lanes: cancelled by the deadline watchdog
 
 
 class Scope:
@@ -262,6 +264,17 @@ class Scope:
 class Job:
   """One batched host call: `n` items on at most `limit` lanes, in a scope.
 
+  Items are fed to the job (`start()` feeds all of them; `start(fed=False)`
+  leaves them to `feed`, which a stream calls as the items of an upstream call
+  finish). Each lane takes the next fed item until none is left; a lane that
+  finds none ends, and a later feed starts a new one.
+
+  Thread lanes start at once, up to the limit. Async lanes grow: one starts,
+  and whenever every lane is waiting inside a call while items are queued,
+  as many again start (1, 2, 4, ...), so calls that wait get all the
+  concurrency they need within a few loop turns, and calls that never wait
+  (a zero-latency fake, a cache hit) run one after another on one task.
+
   Args:
     scope: the run it belongs to.
     n: number of items.
@@ -274,6 +287,7 @@ class Job:
       (a host function); otherwise when it really ends (a network request).
     wrap_error: `wrap_error(error, i)` is the error raised for item i.
     on_done: called (from any thread) once the job completed or failed.
+    on_item: called (from any thread) with `(i, result)` as each item succeeds.
     hooks: the op's usage hooks (`record_abandoned(runtime, k)`,
       `record_dropped(runtime, k)`), or None.
   """
@@ -283,7 +297,8 @@ class Job:
                timeout_s: float | None = None, hard_timeout: bool = False,
                release_on_abandon: bool = False, is_async: bool = False,
                wrap_error: Callable[[BaseException, int], BaseException] = lambda e, i: e,
-               on_done: Callable[["Job"], None] | None = None, hooks: Any = None):
+               on_done: Callable[["Job"], None] | None = None,
+               on_item: Callable[[int, Any], None] | None = None, hooks: Any = None):
     self.scope = scope
     self.n = n
     self.run_item = run_item
@@ -295,41 +310,101 @@ class Job:
     self.is_async = is_async
     self.wrap_error = wrap_error
     self.on_done = on_done
+    self.on_item = on_item
     self.hooks = hooks
     self.results: list = [None] * n
     self.error: BaseException | None = None
     self.done = threading.Event()
-    self._next = itertools.count()
+    self._queue: collections.deque = collections.deque()  # fed, not yet taken
+    self._fed = 0
+    self._lanes = 0          # lanes started or waiting for a slot of the limit
+    self._max_lanes = n if limit is None else min(n, limit)
     self._lock = threading.Lock()
     self._left = n
     self._finished = False
     self._dropped_counted = False
+    self._to_start = 0       # async lanes granted, not yet created on the loop
+    self._running: set[_Lane] = set()   # async lanes (for the deadline watchdog)
+    self._watchdog = None
+    self._started = False
+    self._busy = 0           # async lanes inside a call (read and written on the loop)
+    self._grow_scheduled = False
 
-  def start(self) -> "Job":
-    scope = self.scope
-    scope._start_job(self)
+  def start(self, *, fed: bool = True) -> "Job":
+    """Registers the job in its scope and feeds it every item (unless `fed=False`)."""
+    if self._started:
+      raise RuntimeError("xcs_jax internal error: a job was started twice")
+    self._started = True
+    self.scope._start_job(self)
     if self.n == 0:
       self._finish()
-      return self
-    lanes = self.n if self.limit is None else min(self.n, self.limit)
-    limits = scope.runtime.limits
-    for _ in range(lanes):
-      if self.limit_key is None:
-        self._grant()
-      else:
-        limits.request(self.limit_key, self.limit, self._grant)
+    elif fed:
+      self.feed(range(self.n))
     return self
+
+  def feed(self, items) -> None:
+    """Makes items ready to run (each once), starting lanes for them."""
+    with self._lock:
+      if self._finished:
+        return
+      before = len(self._queue)
+      self._queue.extend(items)
+      self._fed += len(self._queue) - before
+      if self.is_async:
+        grow, self._grow_scheduled = not self._grow_scheduled, True
+      else:
+        want = min(self._max_lanes - self._lanes, len(self._queue))
+        self._lanes += want
+    if self.is_async:
+      if grow:
+        self.scope.runtime.event_loop().loop.call_soon_threadsafe(self._grow)
+    else:
+      self._request_lanes(want)
+
+  def _request_lanes(self, want: int) -> None:
+    if want <= 0:
+      return
+    if self.limit_key is None:
+      for _ in range(want):
+        self._grant()
+    else:
+      limits = self.scope.runtime.limits
+      for _ in range(want):
+        limits.request(self.limit_key, self.limit, self._grant)
+
+  def _grow(self) -> None:
+    """On the loop: more async lanes when every lane is inside a waiting call
+    and items are queued (as many as are busy: the lanes double)."""
+    with self._lock:
+      self._grow_scheduled = False
+      free = self._lanes - self._busy     # alive between calls: they take items
+      want = min(self._max_lanes - self._lanes, len(self._queue) - free,
+                 max(1, self._busy))
+      want = max(0, want)
+      self._lanes += want
+    self._request_lanes(want)
+
+  def _maybe_grow(self) -> None:
+    """Called by an async lane about to wait in a call."""
+    if self._queue and self._lanes < self._max_lanes and not self._grow_scheduled:
+      self._grow_scheduled = True
+      asyncio.get_running_loop().call_soon(self._grow)
 
   # -- lanes -----------------------------------------------------------------
 
   def _grant(self) -> bool:
     if self.scope.cancelled or self._finished:
+      with self._lock:
+        self._lanes -= 1
       return False
-    if self.is_async:
-      loop = self.scope.runtime.event_loop().loop
-      loop.call_soon_threadsafe(self._start_async_lane)
-    else:
+    if not self.is_async:
       self.scope.runtime.pool.submit(self._thread_lane)
+      return True
+    with self._lock:  # one loop wake-up starts every lane granted meanwhile
+      self._to_start += 1
+      wake = self._to_start == 1
+    if wake:
+      self.scope.runtime.event_loop().loop.call_soon_threadsafe(self._start_async_lanes)
     return True
 
   def _release(self, lane: _Lane) -> None:
@@ -340,10 +415,18 @@ class Job:
       self.scope.runtime.limits.release(self.limit_key)
 
   def _take(self) -> int | None:
+    """The next fed item for a lane, or None: the lane ends."""
     if self.scope.cancelled or self._finished:
       return None
-    i = next(self._next)
-    return i if i < self.n else None
+    try:
+      return self._queue.popleft()
+    except IndexError:
+      pass
+    with self._lock:  # `feed` starts a new lane unless this one takes the item
+      if self._queue:
+        return self._queue.popleft()
+      self._lanes -= 1
+      return None
 
   def _context(self, i: int) -> CallContext:
     return CallContext(self.scope, timeout_s=self.timeout_s, clock=self.scope.clock,
@@ -370,34 +453,69 @@ class Job:
       scope.runtime._reset_current(token)
       self._lane_ended(lane, seconds)
 
-  def _start_async_lane(self) -> None:
-    lane = _Lane(self)
-    self.scope._enter(lane)
-    lane.task = asyncio.get_running_loop().create_task(self._async_lane(lane))
-    if self.scope.cancelled:
-      lane.task.cancel()
+  def _start_async_lanes(self) -> None:
+    with self._lock:
+      k, self._to_start = self._to_start, 0
+    loop = asyncio.get_running_loop()
+    for _ in range(k):
+      lane = _Lane(self)
+      self.scope._enter(lane)
+      lane.task = loop.create_task(self._async_lane(lane))
+      if self.scope.cancelled:
+        lane.task.cancel()
 
   async def _async_lane(self, lane: _Lane) -> None:
     scope = self.scope
+    loop = asyncio.get_running_loop()
     seconds = 0.0
+    self._running.add(lane)
     try:
       while (i := self._take()) is not None:
         ctx = lane.ctx = self._context(i)
         start = time.perf_counter()
+        if self.timeout_s is not None:
+          lane.deadline = loop.time() + self.timeout_s
+          if self._watchdog is None:
+            self._watchdog = loop.call_at(lane.deadline, self._time_out_lanes)
+        self._busy += 1
+        self._maybe_grow()
         try:
-          async with asyncio.timeout(ctx.remaining()):
-            result, error = await self.run_item(i, ctx), None
-        except TimeoutError as e:
-          result, error = None, (e if isinstance(e, XCSTimeoutError) else ctx.timeout_error())
+          result, error = await self.run_item(i, ctx), None
         except asyncio.CancelledError:
-          result, error = None, XCSCancelledError(f"cancelled: {scope.cancel_reason}")
+          if lane.timed_out:   # the watchdog: this call ran past its deadline
+            asyncio.current_task().uncancel()
+            result, error = None, ctx.timeout_error()
+          else:
+            result, error = None, XCSCancelledError(f"cancelled: {scope.cancel_reason}")
         except Exception as e:  # reported through the scope
           result, error = None, e
+        self._busy -= 1
         seconds += time.perf_counter() - start
+        lane.deadline = None
         if not self._item_ended(lane, i, result, error):
           return
     finally:
+      self._running.discard(lane)
       self._lane_ended(lane, seconds)
+
+  def _time_out_lanes(self) -> None:
+    """On the loop: cancels async calls past their deadline (providers are meant
+    to stop themselves at `ctx.deadline`; this catches those that do not),
+    then waits for the next deadline. One timer per job, not one per call."""
+    loop = asyncio.get_running_loop()
+    now = loop.time()
+    nearest = None
+    for lane in list(self._running):
+      deadline = lane.deadline
+      if deadline is None:
+        continue
+      if deadline <= now:
+        lane.timed_out = True
+        lane.deadline = None
+        lane.task.cancel()
+      elif nearest is None or deadline < nearest:
+        nearest = deadline
+    self._watchdog = None if nearest is None else loop.call_at(nearest, self._time_out_lanes)
 
   def _item_ended(self, lane: _Lane, i: int, result: Any,
                   error: BaseException | None) -> bool:
@@ -422,6 +540,8 @@ class Job:
 
   def _complete(self, i: int, result: Any) -> None:
     self.results[i] = result
+    if self.on_item is not None:
+      self.on_item(i, result)
     with self._lock:
       self._left -= 1
       last = self._left == 0 and not self._finished
@@ -441,6 +561,9 @@ class Job:
       if self._finished:
         return
       self._finished = True
+    watchdog = self._watchdog
+    if watchdog is not None:
+      watchdog.cancel()   # thread-safe enough: a stale timer finds no lane to time out
     self.done.set()
     if self.on_done is not None:
       self.on_done(self)
@@ -473,15 +596,14 @@ class Job:
       if self._dropped_counted or self._left == 0:
         return
       self._dropped_counted = True
-    started = min(self.n, next(self._next))
-    if self.hooks is not None and started < self.n:
-      self.hooks.record_dropped(self.scope.runtime, self.n - started)
+      never_started = self.n - self._fed + len(self._queue)
+    if self.hooks is not None and never_started > 0:
+      self.hooks.record_dropped(self.scope.runtime, never_started)
 
 
-def run_job(job: Job) -> list:
-  """Starts `job` in its scope and waits for it; raises its scope's error."""
+def wait_for_job(job: Job) -> list:
+  """Waits for a started `job` in its scope; raises its scope's error."""
   scope = job.scope
-  job.start()
   try:
     scope.wait(job.done)
   except BaseException:  # an interrupt: cancelled by `wait`

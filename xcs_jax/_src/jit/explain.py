@@ -10,6 +10,8 @@ def describe_node(node) -> str:
   if node.kind is Kind.HOST:
     p = eqn.params
     return f"{p['op'].kind} {p['op'].describe()} at {p['source']}"
+  if node.kind is Kind.STREAM:
+    return eqn.params["spec"].describe()
   return f"{eqn.name} (control flow holding host calls)"
 
 

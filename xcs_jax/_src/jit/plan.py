@@ -1,7 +1,8 @@
 """From a traced jaxpr to an executable plan: the passes, then compilation.
 
 trace (jax.make_jaxpr) -> expose -> classify -> partition -> analyze ->
-batch sibling calls -> vectorize stacks -> fold reductions -> partition -> plan.
+batch sibling calls -> vectorize stacks -> fold reductions -> form streams ->
+partition -> plan.
 Each tensor segment is compiled once with `jax.jit` and kept in the plan (a
 new callable per call would recompile every time); segments that are the
 same computation (a Python loop makes many) share one compiled callable
@@ -31,6 +32,7 @@ from xcs_jax._src.jit.ir import Lit, Program, eval_eqns
 from xcs_jax._src.jit.partition import Graph, partition_segments
 from xcs_jax._src.jit.pseudo import bind_pseudo
 from xcs_jax._src.jit.rows import fold_reductions, vectorize_stacks
+from xcs_jax._src.jit.streams import StreamRunner, form_streams
 
 
 @dataclasses.dataclass
@@ -42,7 +44,7 @@ class Step:
   outs: list
   deps: set
   dependents: list = dataclasses.field(default_factory=list)
-  run: Any = None        # tensor: jitted callable; control: ControlRunner
+  run: Any = None        # tensor: jitted callable; control: ControlRunner; stream: StreamRunner
   eqn: Any = None        # host / control: the eqn
   pre: list = dataclasses.field(default_factory=list)   # host: STACKs run before it
   post: list = dataclasses.field(default_factory=list)  # host: UNSTACKs run after it
@@ -145,7 +147,7 @@ def build_plan(closed_jaxpr: Any, *, batch_calls: bool = True,
   if analysis.execution_strategy == "tensor":
     whole = jax.jit(compat.jaxpr_as_fun(closed_jaxpr))
   elif batch_calls:
-    program = fold_reductions(vectorize_stacks(batch_sibling_calls(program)))
+    program = form_streams(fold_reductions(vectorize_stacks(batch_sibling_calls(program))))
   exec_graph = partition_segments(program) if program is not graph.program else graph
   sub_plan = functools.partial(build_plan, batch_calls=batch_calls, segments=segments)
   steps = {}
@@ -162,6 +164,9 @@ def build_plan(closed_jaxpr: Any, *, batch_calls: bool = True,
         step.out_ids = list(step.eqn.outs)  # host calls return every output
         if node.kind is Kind.HOST:
           step.batched = _batch_size(step.eqn, program) > 1
+        elif node.kind is Kind.STREAM:
+          step.run = StreamRunner(step.eqn.params["spec"],
+                                  [program.avals[o] for o in step.eqn.outs])
         else:
           step.run = ControlRunner(step.eqn, [program.avals[o] for o in step.eqn.outs],
                                    sub_plan)

@@ -38,6 +38,7 @@ UNSTACK = PseudoPrimitive("xcs_unstack")  # ins: [stacked] -> outs: g values
 ROWS = PseudoPrimitive("xcs_rows")        # ins: [array] -> outs: [array[start:stop]]
 VMAP = PseudoPrimitive("xcs_vmap")        # ins: operands -> outs: [result]
 FOLD = PseudoPrimitive("xcs_fold")        # ins: [init, stacked] -> outs: [result]
+STREAM = PseudoPrimitive("xcs_stream")    # a chain of calls run item by item (streams.py)
 """`FOLD` params: `primitive` and `params` of the binary op, `indices` (rows
 of the stacked array, in order) and `acc_first` (the accumulator is the
 op's first operand)."""

@@ -18,9 +18,10 @@ passes give the batched call whole arrays instead, by exact rewrites:
   itself.
 
 Only operations whose vectorized form computes each element exactly as the
-scalar form does are vectorized (arithmetic, comparisons, selection, casts,
-shape and indexing operations; no reductions or transcendental functions,
-whose vectorized kernels may round differently). A `STACK` or `UNSTACK` left
+scalar form does are vectorized (`rowwise.EXACT_ELEMENTWISE`: arithmetic,
+comparisons, selection, casts; and shape and indexing operations; no
+reductions or transcendental functions, whose vectorized kernels may round
+differently). A `STACK` or `UNSTACK` left
 over runs on the host beside its call (see `partition.py`).
 """
 from __future__ import annotations
@@ -35,16 +36,13 @@ from xcs_jax._src import compat
 from xcs_jax._src.jit.ir import Eqn, Lit, Program, sort_eqns
 from xcs_jax._src.jit.partition import live_eqns
 from xcs_jax._src.jit.pseudo import FOLD, ROWS, STACK, UNSTACK, VMAP
+from xcs_jax._src.jit.rowwise import EXACT_ELEMENTWISE
 
-VECTORIZABLE = frozenset({
-    "add", "sub", "mul", "div", "rem", "neg", "max", "min", "abs", "sign", "floor",
-    "ceil", "round", "integer_pow", "convert_element_type", "select_n", "clamp",
-    "eq", "ne", "lt", "le", "gt", "ge", "and", "or", "not", "xor", "shift_left",
-    "shift_right_logical", "shift_right_arithmetic", "is_finite", "copy", "copy_p",
+VECTORIZABLE = EXACT_ELEMENTWISE | {
     "broadcast_in_dim", "reshape", "squeeze", "expand_dims", "slice", "dynamic_slice",
     "dynamic_update_slice", "concatenate", "pad", "transpose", "rev", "stack",
     "gather", "iota", "jit", "pjit",
-})
+}
 
 FOLDABLE = frozenset({"add", "mul", "max", "min", "and", "or", "xor"})
 # Bitwise commutative in IEEE arithmetic, so a step's operand order does not

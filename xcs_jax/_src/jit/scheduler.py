@@ -111,7 +111,10 @@ class _PlanRun:
         env.update(zip(e.outs, run_on_host(e, [read(r, env) for r in e.ins])))
     values = [read(r, env) for r in step.eqn.ins]  # in eqn order, literals too
     self.in_flight += 1
-    if step.kind is not Kind.HOST:
+    if step.kind is Kind.STREAM:
+      step.run.start(self.scope, values,
+                     lambda outs, error: self._report(step.index, outs, error))
+    elif step.kind is not Kind.HOST:
       self._start_control(step, values)
     elif self.run_limit is None:
       self._start_host(step, values)

@@ -82,7 +82,7 @@ class FakeProvider(base.Provider):
     self._attempts: collections.OrderedDict = collections.OrderedDict()
     self._lock = threading.Lock()
 
-  def _simulate(self, binding, prompt, ctx, request=()):
+  async def _simulate(self, binding, prompt, ctx, request=()):
     """The latency and injected failures every fake call goes through.
 
     `request` tells apart distinct requests on the same prompt (a seed, the
@@ -92,7 +92,7 @@ class FakeProvider(base.Provider):
     if p["fail_on"] is not None and p["fail_on"] in prompt:
       raise FakeProviderError(f"injected failure: prompt contains {p['fail_on']!r}")
     if p["latency_s"]:
-      ctx.sleep(float(p["latency_s"]))
+      await ctx.asleep(float(p["latency_s"]))
     else:
       ctx.check()
     if p["transient_failures"]:
@@ -105,12 +105,12 @@ class FakeProvider(base.Provider):
       if n <= p["transient_failures"]:
         raise base.TransientError(f"injected transient failure {n}")
 
-  def generate(self, binding, prompt, seed, ctx):
-    self._simulate(binding, prompt, ctx, request=("generate", seed))
+  async def generate(self, binding, prompt, seed, ctx):
+    await self._simulate(binding, prompt, ctx, request=("generate", seed))
     return self._answer(binding.model, prompt, seed, binding._by_name)
 
-  def score_options(self, binding, prompt, options, ctx):
-    self._simulate(binding, prompt, ctx, request=("score", options))
+  async def score_options(self, binding, prompt, options, ctx):
+    await self._simulate(binding, prompt, ctx, request=("score", options))
     bias = binding.get("option_bias")
     prompt_words = set(_words(prompt))
     logits = np.array([
@@ -121,8 +121,8 @@ class FakeProvider(base.Provider):
     shifted = logits - logits.max()
     return shifted - np.log(np.exp(shifted).sum())
 
-  def embed(self, binding, text, ctx):
-    self._simulate(binding, text, ctx, request=("embed",))
+  async def embed(self, binding, text, ctx):
+    await self._simulate(binding, text, ctx, request=("embed",))
     dim = self.embedding_dim(binding)
     vec = np.zeros(dim)
     for word in _words(text) or [""]:
