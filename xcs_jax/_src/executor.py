@@ -17,10 +17,12 @@ import asyncio
 import collections
 import concurrent.futures as cf
 import itertools
+import math
 import queue
 import threading
 import time
-from typing import Any, Callable
+import weakref
+from typing import Any, Awaitable, Callable
 
 
 class Clock:
@@ -38,8 +40,47 @@ class Clock:
   def wait(self, event: threading.Event, seconds: float) -> bool:
     return event.wait(max(0.0, seconds))
 
-  async def sleep(self, seconds: float) -> None:
-    await asyncio.sleep(max(0.0, seconds))
+  def sleep(self, seconds: float) -> Awaitable[None]:
+    loop = asyncio.get_running_loop()
+    timers = _TIMERS.get(loop)
+    if timers is None:
+      timers = _TIMERS[loop] = _CoalescedTimers(loop)
+    return timers.sleep(max(0.0, seconds))
+
+
+TIMER_RESOLUTION_S = 0.001
+"""Async sleeps end on the next multiple of this (never early)."""
+
+
+class _CoalescedTimers:
+  """Sleeps of one event loop that end within the same `TIMER_RESOLUTION_S`
+  share one timer: a thousand calls sleeping at once (simulated latency,
+  retry backoff) cost a thousand futures but only a few loop timers, whose
+  heap would otherwise cost a Python comparison per level per sleep."""
+
+  def __init__(self, loop: asyncio.AbstractEventLoop):
+    self._loop = loop
+    self._due: dict[int, list] = {}
+
+  def sleep(self, seconds: float) -> asyncio.Future:
+    """A future set once `seconds` have passed (cancel it to stop waiting)."""
+    tick = math.ceil((self._loop.time() + seconds) / TIMER_RESOLUTION_S)
+    future = self._loop.create_future()
+    waiting = self._due.get(tick)
+    if waiting is None:
+      waiting = self._due[tick] = []
+      self._loop.call_at(tick * TIMER_RESOLUTION_S, self._wake, tick)
+    waiting.append(future)
+    return future
+
+  def _wake(self, tick: int) -> None:
+    for future in self._due.pop(tick, ()):
+      if not future.done():
+        future.set_result(None)
+
+
+_TIMERS: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _CoalescedTimers]" = (
+    weakref.WeakKeyDictionary())
 
 
 REAL_CLOCK = Clock()

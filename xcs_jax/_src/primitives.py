@@ -138,7 +138,9 @@ class HostCallOp:
     return Job(scope, n, item, limit_key=key, limit=limit, timeout_s=self.call_timeout_s(),
                hard_timeout=self.hard_timeout, release_on_abandon=self.release_on_abandon,
                is_async=is_async, wrap_error=wrap_error, on_done=on_done, on_item=on_item,
-               hooks=self)
+               hooks=self, typical_item_s=runtime.item_times.get(self),
+               on_finished=lambda seconds, items: runtime.item_times.record(
+                   self, seconds / items))
 
   def collect(self, job: Job) -> list[np.ndarray]:
     """The outputs of a finished batch, each with a leading axis `n`."""

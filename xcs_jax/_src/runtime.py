@@ -14,6 +14,7 @@ when the function was traced. A jitted function holds no runtime.
 from __future__ import annotations
 
 import atexit
+import collections
 import contextvars
 import threading
 import warnings
@@ -35,6 +36,29 @@ class RuntimeClosedError(XCSError, RuntimeError):
   """A call reached a runtime that was already closed."""
 
 
+class ItemTimes:
+  """Measured seconds per item of each op's batched calls (an exponential
+  moving average, for at most `size` ops, least recently used dropped), so
+  a job can size its thread lanes before it runs (see `scope.Job`)."""
+
+  def __init__(self, size: int = 4096, weight: float = 0.5):
+    self._size, self._weight = size, weight
+    self._lock = threading.Lock()
+    self._by_key: collections.OrderedDict = collections.OrderedDict()
+
+  def get(self, key) -> float | None:
+    with self._lock:
+      return self._by_key.get(key)
+
+  def record(self, key, seconds: float) -> None:
+    with self._lock:
+      old = self._by_key.pop(key, None)
+      self._by_key[key] = seconds if old is None else (
+          self._weight * seconds + (1 - self._weight) * old)
+      if len(self._by_key) > self._size:
+        self._by_key.popitem(last=False)
+
+
 class Runtime:
   """Host-side state: workers, event loop, limits, providers, usage.
 
@@ -48,6 +72,7 @@ class Runtime:
     clock: the runtime's `Clock` (tests inject one that does not sleep).
     usage: the `UsageMeter` of the calls this runtime served.
     limits: the concurrency limits in use.
+    item_times: measured seconds per item of each op (sizes thread lanes).
   """
 
   def __init__(self, *, name: str = "xcs", cancel_grace_s: float = DEFAULT_CANCEL_GRACE_S,
@@ -63,6 +88,7 @@ class Runtime:
     self.clock = clock or executor.REAL_CLOCK
     self.usage = UsageMeter()
     self.limits = executor.Limits()
+    self.item_times = ItemTimes()
     self._lock = threading.Lock()
     self._pool: executor.WorkerPool | None = None
     self._loop: executor.EventLoopThread | None = None

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import math
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from xcs_jax._src.errors import XCSCancelledError, XCSTimeoutError
 from xcs_jax._src.executor import REAL_CLOCK, Clock
@@ -33,6 +34,11 @@ POLL_S = 0.02
 uncancellable calls past their deadline (a real SIGINT wakes it at once)."""
 
 _NEVER = threading.Event()  # waited on by contexts that have no scope
+
+QUICK_ITEM_S = 200e-6
+"""Items faster than this on average run on few thread lanes (see `Job`)."""
+LANE_WORK_S = 1e-3
+"""About how much work one thread lane gets when items are quick."""
 
 
 class CallContext:
@@ -97,19 +103,23 @@ class CallContext:
     if self.clock.wait(event, seconds):
       self.check()
 
-  async def asleep(self, seconds: float) -> None:
-    """`sleep` for async providers (cancellation arrives as task cancellation)."""
+  def asleep(self, seconds: float) -> Awaitable[None]:
+    """`await ctx.asleep(s)`: `sleep` for async providers (cancellation arrives
+    as task cancellation; past the deadline it raises `XCSTimeoutError`)."""
     left = self.remaining()
     if left is not None and left < seconds:
-      await self.clock.sleep(left)
-      raise self.timeout_error()
-    await self.clock.sleep(seconds)
+      return self._sleep_to_deadline(left)
+    return self.clock.sleep(seconds)
+
+  async def _sleep_to_deadline(self, left: float) -> None:
+    await self.clock.sleep(left)
+    raise self.timeout_error()
 
 
 class _Lane:
   """One worker (or asyncio task) of a job, and the call it is running."""
 
-  __slots__ = ("job", "ctx", "detached", "task", "deadline", "timed_out")
+  __slots__ = ("job", "ctx", "detached", "task", "deadline", "timed_out", "counted_out")
 
   def __init__(self, job: "Job"):
     self.job = job
@@ -118,6 +128,7 @@ class _Lane:
     self.task = None         # the asyncio task of an async lane
     self.deadline = None     # async lanes: loop time the running call must end by
     self.timed_out = False   # async lanes: cancelled by the deadline watchdog
+    self.counted_out = False  # no longer counted in its job's lanes
 
 
 class Scope:
@@ -269,7 +280,11 @@ class Job:
   finish). Each lane takes the next fed item until none is left; a lane that
   finds none ends, and a later feed starts a new one.
 
-  Thread lanes start at once, up to the limit. Async lanes grow: one starts,
+  Thread lanes start at once, up to the limit, unless the op's items are
+  known to be quick (`typical_item_s`, measured on earlier jobs): then only
+  enough lanes start to share about `LANE_WORK_S` of work each, since every
+  lane costs a thread wake-up; a lane whose item turns out slow starts more
+  (doubling). Async lanes grow: one starts,
   and whenever every lane is waiting inside a call while items are queued,
   as many again start (1, 2, 4, ...), so calls that wait get all the
   concurrency they need within a few loop turns, and calls that never wait
@@ -290,6 +305,9 @@ class Job:
     on_item: called (from any thread) with `(i, result)` as each item succeeds.
     hooks: the op's usage hooks (`record_abandoned(runtime, k)`,
       `record_dropped(runtime, k)`), or None.
+    typical_item_s: the op's measured seconds per item, or None (unknown).
+    on_finished: called with `(seconds, items)` run by the job's lanes, once
+      all of them ended (for the next job's `typical_item_s`).
   """
 
   def __init__(self, scope: Scope, n: int, run_item: Callable, *,
@@ -298,7 +316,9 @@ class Job:
                release_on_abandon: bool = False, is_async: bool = False,
                wrap_error: Callable[[BaseException, int], BaseException] = lambda e, i: e,
                on_done: Callable[["Job"], None] | None = None,
-               on_item: Callable[[int, Any], None] | None = None, hooks: Any = None):
+               on_item: Callable[[int, Any], None] | None = None, hooks: Any = None,
+               typical_item_s: float | None = None,
+               on_finished: Callable[[float, int], None] | None = None):
     self.scope = scope
     self.n = n
     self.run_item = run_item
@@ -312,6 +332,10 @@ class Job:
     self.on_done = on_done
     self.on_item = on_item
     self.hooks = hooks
+    self.typical_item_s = typical_item_s
+    self.on_finished = on_finished
+    self._seconds = 0.0      # run by lanes that ended
+    self._items_run = 0
     self.results: list = [None] * n
     self.error: BaseException | None = None
     self.done = threading.Event()
@@ -353,13 +377,26 @@ class Job:
       if self.is_async:
         grow, self._grow_scheduled = not self._grow_scheduled, True
       else:
-        want = min(self._max_lanes - self._lanes, len(self._queue))
+        want = min(self._max_lanes - self._lanes, self._thread_lanes_for(len(self._queue)))
         self._lanes += want
     if self.is_async:
       if grow:
         self.scope.runtime.event_loop().loop.call_soon_threadsafe(self._grow)
     else:
       self._request_lanes(want)
+
+  def _thread_lanes_for(self, queued: int) -> int:
+    t = self.typical_item_s
+    if t is None or t >= QUICK_ITEM_S:
+      return queued
+    return max(1, min(queued, math.ceil(queued * t / LANE_WORK_S)))
+
+  def _grow_threads(self) -> None:
+    """A thread lane met a slow item: as many lanes again, for what is queued."""
+    with self._lock:
+      want = max(0, min(self._max_lanes - self._lanes, len(self._queue), self._lanes))
+      self._lanes += want
+    self._request_lanes(want)
 
   def _request_lanes(self, want: int) -> None:
     if want <= 0:
@@ -394,8 +431,7 @@ class Job:
 
   def _grant(self) -> bool:
     if self.scope.cancelled or self._finished:
-      with self._lock:
-        self._lanes -= 1
+      self._lane_gone(None, 0.0, 0)   # declined: never started
       return False
     if not self.is_async:
       self.scope.runtime.pool.submit(self._thread_lane)
@@ -414,7 +450,7 @@ class Job:
     if self.limit_key is not None and not (lane.detached and self.release_on_abandon):
       self.scope.runtime.limits.release(self.limit_key)
 
-  def _take(self) -> int | None:
+  def _take(self, lane: _Lane) -> int | None:
     """The next fed item for a lane, or None: the lane ends."""
     if self.scope.cancelled or self._finished:
       return None
@@ -426,6 +462,7 @@ class Job:
       if self._queue:
         return self._queue.popleft()
       self._lanes -= 1
+      lane.counted_out = True
       return None
 
   def _context(self, i: int) -> CallContext:
@@ -437,21 +474,27 @@ class Job:
     lane = _Lane(self)
     scope._enter(lane)
     token = scope.runtime._make_current()
-    seconds = 0.0
+    seconds, items = 0.0, 0
+    quick = self.typical_item_s is not None and self.typical_item_s < QUICK_ITEM_S
     try:
-      while (i := self._take()) is not None:
+      while (i := self._take(lane)) is not None:
         ctx = lane.ctx = self._context(i)
         start = time.perf_counter()
         try:
           result, error = self.run_item(i, ctx), None
         except BaseException as e:  # reported through the scope
           result, error = None, e
-        seconds += time.perf_counter() - start
+        took = time.perf_counter() - start
+        seconds += took
+        items += 1
         if not self._item_ended(lane, i, result, error):
           return
+        if quick and took >= QUICK_ITEM_S and self._queue:
+          quick = False   # not so quick after all: more lanes, once per lane
+          self._grow_threads()
     finally:
       scope.runtime._reset_current(token)
-      self._lane_ended(lane, seconds)
+      self._lane_ended(lane, seconds, items)
 
   def _start_async_lanes(self) -> None:
     with self._lock:
@@ -467,10 +510,10 @@ class Job:
   async def _async_lane(self, lane: _Lane) -> None:
     scope = self.scope
     loop = asyncio.get_running_loop()
-    seconds = 0.0
+    seconds, items = 0.0, 0
     self._running.add(lane)
     try:
-      while (i := self._take()) is not None:
+      while (i := self._take(lane)) is not None:
         ctx = lane.ctx = self._context(i)
         start = time.perf_counter()
         if self.timeout_s is not None:
@@ -491,12 +534,13 @@ class Job:
           result, error = None, e
         self._busy -= 1
         seconds += time.perf_counter() - start
+        items += 1
         lane.deadline = None
         if not self._item_ended(lane, i, result, error):
           return
     finally:
       self._running.discard(lane)
-      self._lane_ended(lane, seconds)
+      self._lane_ended(lane, seconds, items)
 
   def _time_out_lanes(self) -> None:
     """On the loop: cancels async calls past their deadline (providers are meant
@@ -531,10 +575,27 @@ class Job:
     self._complete(i, result)
     return True
 
-  def _lane_ended(self, lane: _Lane, seconds: float) -> None:
+  def _lane_ended(self, lane: _Lane, seconds: float, items: int) -> None:
     self.scope.add_call_time(seconds)
     self.scope._leave(lane)
     self._release(lane)
+    self._lane_gone(lane, seconds, items)
+
+  def _lane_gone(self, lane: _Lane | None, seconds: float, items: int) -> None:
+    """A lane ended (or was declined before it started); the last one of a
+    job that succeeded reports the time its items took (`on_finished`)."""
+    with self._lock:
+      if lane is None or not lane.counted_out:
+        self._lanes -= 1
+      self._seconds += seconds
+      self._items_run += items
+      report = (self._lanes == 0 and self._finished and self.error is None
+                and self.on_finished is not None and self._items_run > 0)
+      total, count = self._seconds, self._items_run
+      if report:
+        self._items_run = 0   # reported once
+    if report:
+      self.on_finished(total, count)
 
   # -- completion ------------------------------------------------------------
 

@@ -54,11 +54,21 @@ class Step:
 
 @dataclasses.dataclass
 class Plan:
-  program: Program        # what runs (sibling calls batched)
-  graph: Graph            # the call-site graph, as written: what analysis and explain show
+  program: Program        # what runs (sibling calls batched, streams formed)
+  graph: Graph            # the call-site graph, as written: what the analysis counts
   analysis: Analysis
   steps: dict             # index -> Step, from `program`
   whole: Callable | None  # the one executable of a program without host calls
+  run_graph: Graph        # the graph of `program`: what runs, step by step
+
+  def counts(self) -> dict:
+    """What runs, by kind of step (the `plan_*` keys of `get_jit_stats`)."""
+    kinds = [s.kind for s in self.steps.values()]
+    return dict(
+        plan_segments=1 if self.whole is not None else kinds.count(Kind.TENSOR),
+        plan_host_calls=kinds.count(Kind.HOST),
+        plan_streams=kinds.count(Kind.STREAM),
+        plan_control_nodes=kinds.count(Kind.CONTROL))
 
 
 def _bind_tensor_eqn(eqn, values):
@@ -174,4 +184,4 @@ def build_plan(closed_jaxpr: Any, *, batch_calls: bool = True,
   for step in steps.values():
     for d in step.deps:
       steps[d].dependents.append(step.index)
-  return Plan(program, graph, analysis, steps, whole)
+  return Plan(program, graph, analysis, steps, whole, exec_graph)
