@@ -22,7 +22,7 @@ def test_bind_returns_a_binding_with_defaults():
   assert (b.provider, b.model) == ("fake", "echo")
   assert b.get("output_bytes") == base.COMMON_PARAMS["output_bytes"]
   assert b.get("latency_s") == 0.0
-  assert b.concurrency() == 256  # the fake provider's default
+  assert b.concurrency() == 1024  # the fake provider's default
   assert models.bind("fake:echo", concurrency=4).concurrency() == 4
   with pytest.raises(KeyError):
     b.get("nope")

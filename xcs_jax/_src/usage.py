@@ -48,6 +48,18 @@ class UsageMeter:
       for k, v in deltas.items():
         d[k] += v
 
+  def add_call(self, binding, seconds: float, prompt_tokens: int = 0,
+               completion_tokens: int = 0) -> None:
+    """One call that succeeded: `add(binding, calls=1, ...)`, on the hot path."""
+    with self._lock:
+      u = self._by_binding.get(binding)
+      if u is None:
+        u = self._by_binding[binding] = Usage()
+      u.calls += 1
+      u.seconds += seconds
+      u.prompt_tokens += prompt_tokens
+      u.completion_tokens += completion_tokens
+
   def get(self, binding) -> Usage:
     with self._lock:
       return dataclasses.replace(self._by_binding.get(binding, Usage()))

@@ -1,8 +1,8 @@
 """From a traced jaxpr to an executable plan: the passes, then compilation.
 
 trace (jax.make_jaxpr) -> expose -> classify -> partition -> analyze ->
-batch sibling calls -> vectorize stacks -> fold reductions -> form streams ->
-partition -> plan.
+batch sibling calls -> vectorize stacks and unstacks -> fold reductions ->
+form streams -> partition -> plan.
 Each tensor segment is compiled once with `jax.jit` and kept in the plan (a
 new callable per call would recompile every time); segments that are the
 same computation (a Python loop makes many) share one compiled callable
@@ -31,7 +31,7 @@ from xcs_jax._src.jit.expose import expose_calls
 from xcs_jax._src.jit.ir import Lit, Program, eval_eqns
 from xcs_jax._src.jit.partition import Graph, partition_segments
 from xcs_jax._src.jit.pseudo import bind_pseudo
-from xcs_jax._src.jit.rows import fold_reductions, vectorize_stacks
+from xcs_jax._src.jit.rows import fold_reductions, vectorize_stacks, vectorize_unstacks
 from xcs_jax._src.jit.streams import StreamRunner, form_streams
 
 
@@ -157,7 +157,9 @@ def build_plan(closed_jaxpr: Any, *, batch_calls: bool = True,
   if analysis.execution_strategy == "tensor":
     whole = jax.jit(compat.jaxpr_as_fun(closed_jaxpr))
   elif batch_calls:
-    program = form_streams(fold_reductions(vectorize_stacks(batch_sibling_calls(program))))
+    program = batch_sibling_calls(program)
+    program = fold_reductions(vectorize_unstacks(vectorize_stacks(program)))
+    program = form_streams(program)
   exec_graph = partition_segments(program) if program is not graph.program else graph
   sub_plan = functools.partial(build_plan, batch_calls=batch_calls, segments=segments)
   steps = {}

@@ -11,6 +11,9 @@ passes give the batched call whole arrays instead, by exact rewrites:
   operations (the same elementwise or shape operation with the same params,
   e.g. `x + i` for i in range(g)) is one vectorized operation on stacked
   operands (`pseudo.VMAP`), and so on up through their operands.
+- `vectorize_unstacks` (after the call): the same operation applied to every
+  row of the call's output (`score_options(p_i, options)[0]`) is one
+  vectorized operation on the whole output, followed by an `UNSTACK`;
 - `fold_reductions` (after the call): a chain of one commutative binary op
   over the call's rows (`sum(op(x + i) for i in ...)`) is one sequential
   `pseudo.FOLD` (same operations, same order, so bit-equal values);
@@ -210,6 +213,62 @@ def vectorize_stacks(prog: Program) -> Program:
                                    in_axes=tuple(in_axes), size=len(siblings)),
                        tuple(operands), (out,)))
     rw.removed.add(id(stack))
+  return rw.program(eqns)
+
+
+def _params_key(params: dict):
+  try:
+    key = tuple(sorted(params.items()))
+    hash(key)
+  except TypeError:
+    return None
+  return key
+
+
+def _operand_key(r) -> tuple:
+  if isinstance(r, Lit):
+    a = np.asarray(r.value)
+    return ("lit", type(r.value).__name__, str(a.dtype), a.shape, a.tobytes())
+  return ("ref", r)
+
+
+def vectorize_unstacks(prog: Program) -> Program:
+  eqns = live_eqns(prog)
+  readers = collections.defaultdict(list)
+  for e in eqns:
+    for r in e.ins:
+      if isinstance(r, int):
+        readers[r].append(e)
+  rw = _Rewriter(prog, dict(prog.avals))
+  work = collections.deque(e for e in eqns if e.primitive is UNSTACK)
+  while work:
+    unstack = work.popleft()
+    groups = collections.defaultdict(list)
+    for row, r in enumerate(unstack.outs):
+      for e in readers.get(r, ()):
+        if id(e) in rw.removed or not _vectorizable(e) or e.ins.count(r) != 1:
+          continue
+        k = e.ins.index(r)
+        params = _params_key(e.params)
+        if params is None:
+          continue
+        others = tuple(_operand_key(x) for pos, x in enumerate(e.ins) if pos != k)
+        groups[(e.primitive, params, k, others)].append((row, e))
+    for (primitive, params, k, _), members in groups.items():
+      if sorted(row for row, _ in members) != list(range(len(unstack.outs))):
+        continue
+      members.sort(key=lambda m: m[0])
+      first = members[0][1]
+      out = rw.avals[first.outs[0]]
+      stacked = rw.fresh(compat.ShapedArray((len(members),) + tuple(out.shape), out.dtype))
+      operands = tuple(unstack.ins[0] if pos == k else x for pos, x in enumerate(first.ins))
+      in_axes = tuple(0 if pos == k else None for pos in range(len(first.ins)))
+      rw.added.append(Eqn(VMAP, dict(primitive=primitive, params=params, in_axes=in_axes,
+                                     size=len(members)), operands, (stacked,)))
+      rows = Eqn(UNSTACK, {}, (stacked,), tuple(e.outs[0] for _, e in members))
+      rw.added.append(rows)
+      rw.removed.update(id(e) for _, e in members)
+      work.append(rows)
   return rw.program(eqns)
 
 

@@ -185,12 +185,12 @@ class Metered:
       self.usage.add(self.binding, calls=1, errors=1, seconds=seconds)
 
   def succeeded(self, result: Any) -> None:
-    tokens = {}
+    seconds = time.perf_counter() - self.start
     if isinstance(result, Completion):
-      tokens = dict(prompt_tokens=result.prompt_tokens,
-                    completion_tokens=result.completion_tokens)
-    self.usage.add(self.binding, calls=1, seconds=time.perf_counter() - self.start,
-                   **tokens)
+      self.usage.add_call(self.binding, seconds, result.prompt_tokens,
+                          result.completion_tokens)
+    else:
+      self.usage.add_call(self.binding, seconds)
 
 
 def call_provider(usage, binding, backoff: Backoff, method: Callable, args: tuple,

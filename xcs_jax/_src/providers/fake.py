@@ -58,7 +58,7 @@ class FakeProviderError(RuntimeError):
 
 class FakeProvider(base.Provider):
   name = "fake"
-  default_concurrency = 256
+  default_concurrency = 1024    # async: calls in flight cost no thread
   params = {"latency_s": 0.0, "fail_on": None, "transient_failures": 0,
             "choices": ("yes", "no"), "option_bias": (), "embedding_dim": 64}
 
