@@ -5,8 +5,12 @@ A provider subclasses `Provider`, overrides the calls it can make
 worker threads, `async def` ones on its event loop), and is registered with
 `register_provider(name, ProviderClass)`; each runtime makes its own
 instance. Every call gets a `CallContext`: poll `ctx.check()` or sleep
-through `ctx.sleep()` so a failed sibling, an interrupt or `ctx.deadline`
-stops it. Users of providers never need this module.
+through `ctx.sleep()` (`await ctx.asleep()` in an `async def` method) so a
+failed sibling, an interrupt or `ctx.deadline` stops it; an async method is
+also cancelled through its task. A `Clock` (`now()`, `wait(event, s)`, and
+`sleep(s)` to await on the event loop) is what the runtime reads time from;
+tests inject one that does not sleep. Users of providers never need this
+module.
 """
 from xcs_jax._src.executor import Clock
 from xcs_jax._src.providers.base import COMMON_PARAMS
