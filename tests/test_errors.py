@@ -110,8 +110,10 @@ def test_any_provider_exception_is_wrapped():
 # --- timeouts: a clear error, fast ------------------------------------------------
 
 @pytest.mark.parametrize("jit", [False, True])
-def test_fake_past_its_timeout(jit):
-  b = models.bind("fake:echo", latency_s=HANG_S, timeout_s=0.2, output_bytes=16)
+def test_fake_past_its_deadline(jit):
+  """Each attempt stops at `timeout_s` and is retried; the call ends at `deadline_s`."""
+  b = unique_binding("fake:echo", latency_s=HANG_S, timeout_s=0.2, deadline_s=0.5,
+                     output_bytes=16)
   f = jax.vmap(b)
   if jit:
     f = jax.jit(f)
@@ -119,7 +121,8 @@ def test_fake_past_its_timeout(jit):
   with pytest.raises((xcs_jax.XCSExecutionError, RuntimeError)) as e:
     f(_encoded(["a", "b", "c", "d"])).block_until_ready()
   assert time.monotonic() - start < FAST_S
-  assert "timeout of 0.2 s" in str(e.value)
+  assert "deadline_s=0.5" in str(e.value)
+  assert b.usage().retries >= 1     # timed-out attempts were retried
   if not jit:
     assert isinstance(e.value.__cause__, xcs_jax.XCSTimeoutError)
   else:
@@ -194,11 +197,16 @@ def test_permanent_errors_are_not_retried():
   assert (u.calls, u.retries, u.errors) == (1, 0, 1)
 
 
-def test_timeouts_are_not_retried():
-  b = unique_binding(latency_s=HANG_S, timeout_s=0.1, retries=3, output_bytes=16)
-  with pytest.raises(xcs_jax.XCSExecutionError):
+def test_attempt_timeouts_are_retried_until_the_deadline_or_the_retry_cap():
+  b = unique_binding(latency_s=HANG_S, timeout_s=0.1, deadline_s=0.45, output_bytes=16)
+  with pytest.raises(xcs_jax.XCSExecutionError) as e:
     b(_encoded(["x"])[0])
-  assert b.usage().retries == 0
+  assert isinstance(e.value.__cause__, xcs_jax.XCSTimeoutError)
+  assert "deadline_s=0.45" in str(e.value) and b.usage().retries >= 2
+  capped = unique_binding(latency_s=HANG_S, timeout_s=0.1, retries=1, output_bytes=16)
+  with pytest.raises(xcs_jax.XCSExecutionError) as e:
+    capped(_encoded(["x"])[0])
+  assert "timeout of 0.1 s" in str(e.value) and capped.usage().retries == 1
 
 
 def test_reset_usage():

@@ -73,7 +73,7 @@ def test_embedding_dim_reads_the_header_without_loading():
 
 @pytest.mark.local_model
 def test_jit_answer_is_real_and_repeats_at_temperature_0():
-  m = _model()
+  m = _model(cache=None)    # the model itself must repeat, not the response cache
 
   @jax.jit
   def ask(q):
@@ -86,6 +86,9 @@ def test_jit_answer_is_real_and_repeats_at_temperature_0():
   assert "Paris" in first
   usage = m.usage()
   assert usage.calls >= 2 and usage.prompt_tokens > 0 and usage.completion_tokens > 0
+  cached = _model()         # temperature 0: cached by default; the second ask is a hit
+  assert text.decode(jax.jit(cached)(q)) == text.decode(jax.jit(cached)(q)) == first
+  assert cached.usage().calls <= 1 and cached.usage().cache_hits >= 1
 
 
 @pytest.mark.local_model

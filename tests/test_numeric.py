@@ -374,7 +374,7 @@ def test_transient_failures_are_retried_and_counted():
 
 
 def test_timeout():
-  b = unique_binding(latency_s=5.0, timeout_s=0.05)
+  b = unique_binding(latency_s=5.0, timeout_s=0.05, deadline_s=0.2)
   with pytest.raises(xcs_jax.XCSExecutionError) as info:
     b.score_options(text.encode("x", 4), OPTS)
   assert isinstance(info.value.__cause__, xcs_jax.XCSTimeoutError)

@@ -367,7 +367,7 @@ def test_vmap_of_64_host_op_calls_runs_them_concurrently():
 
 def test_vmap_of_64_fake_calls_runs_them_concurrently(fake_inflight):
   rec = fake_inflight(parties=64)
-  echo = models.bind("fake:echo", output_bytes=16)
+  echo = models.bind("fake:echo", output_bytes=16, cache=None)
   x = _encoded([f"p{i}" for i in range(64)])
   out = jax.jit(jax.vmap(echo))(x)
   assert rec.peak == 64 and rec.now == 0
@@ -385,7 +385,7 @@ def test_host_op_concurrency_limit_bounds_calls_in_flight(k):
 
 def test_provider_concurrency_limit_bounds_calls_in_flight(fake_inflight):
   rec = fake_inflight(parties=4)
-  echo = models.bind("fake:echo", output_bytes=8, concurrency=4)
+  echo = models.bind("fake:echo", output_bytes=8, concurrency=4, cache=None)
   jax.jit(jax.vmap(echo))(_encoded([f"x{i}" for i in range(16)]))
   assert rec.peak == 4 and rec.calls == 16
 
@@ -393,7 +393,7 @@ def test_provider_concurrency_limit_bounds_calls_in_flight(fake_inflight):
 def test_limit_holds_across_batches_in_flight_at_once(fake_inflight):
   """Two batches from two threads share the provider's bound."""
   rec = fake_inflight(parties=3)
-  echo = models.bind("fake:echo", output_bytes=8, concurrency=3)
+  echo = models.bind("fake:echo", output_bytes=8, concurrency=3, cache=None)
   f = jax.jit(jax.vmap(echo))
   x = _encoded([f"x{i}" for i in range(6)])
   f(x[:3])  # compile outside the threads

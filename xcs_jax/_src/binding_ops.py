@@ -5,6 +5,8 @@ reads its provider, limit and usage meter from the runtime that runs it.
 """
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures as cf
 import dataclasses
 import hashlib
 from typing import Any, Sequence
@@ -16,7 +18,10 @@ import numpy as np
 from xcs_jax._src import text as text_lib
 from xcs_jax._src.primitives import HostCallOp, make_host_primitive
 from xcs_jax._src.providers import base
+from xcs_jax._src.providers import retry
+from xcs_jax._src.providers.cache import MISS
 from xcs_jax._src.runtime import Runtime, current_runtime
+from xcs_jax._src.scope import POLL_S
 
 generate_p = make_host_primitive("xcs_generate")
 
@@ -31,12 +36,44 @@ def concurrency_of(binding, runtime: Runtime | None = None) -> int:
   return int(c) if c is not None else provider_of(binding, runtime).concurrency(binding)
 
 
+class Prepared:
+  """One example's request, prepared before its job runs (see `start_batch`)."""
+
+  __slots__ = ("args", "key", "disk")
+
+  def __init__(self, args: tuple, key: tuple | None, disk: bool):
+    self.args, self.key, self.disk = args, key, disk
+
+
+def _tokens(value: Any) -> tuple[int, int]:
+  if isinstance(value, base.Completion):
+    return value.prompt_tokens, value.completion_tokens
+  return 0, 0
+
+
+def _on_loop(future, loop) -> asyncio.Future:
+  """An asyncio future set when `future` (concurrent) is; cancelling it leaves
+  `future` alone (other callers may wait on it too)."""
+  waiter = loop.create_future()
+
+  def done(f):
+    loop.call_soon_threadsafe(lambda: waiter.done() or waiter.set_result(f.result()))
+  future.add_done_callback(done)
+  return waiter
+
+
 @dataclasses.dataclass(frozen=True)
 class BindingOp(HostCallOp):
   """A host call made through a model binding's provider.
 
   Subclasses name the provider `method` and define `request_args` (the
-  method's inputs from one example) and `outputs` (arrays from its result).
+  method's inputs from one example), `outputs` (arrays from its result) and,
+  where it depends on the call, `deterministic` (whether `cache="auto"`
+  caches it).
+
+  A call is answered from the runtime's response cache when its binding's
+  `cache` allows it (see `cache_mode`); otherwise it goes to the provider
+  with the retries and deadlines of `retry.py`.
   """
 
   binding: Any  # a ModelBinding
@@ -52,36 +89,136 @@ class BindingOp(HostCallOp):
   def outputs(self, value: Any) -> list[np.ndarray]:
     raise NotImplementedError
 
+  def deterministic(self, inputs: Sequence[np.ndarray]) -> bool:
+    """Whether the answer is a function of the request (cached by `cache="auto"`)."""
+    return True
+
+  def cache_mode(self, runtime: Runtime, inputs: Sequence[np.ndarray]) -> str | None:
+    """"memory", "disk" or None for this call in `runtime`."""
+    if not runtime.cache_enabled:
+      return None
+    mode = self.binding.get("cache")
+    if mode == "auto":
+      return "memory" if self.deterministic(inputs) else None
+    return mode
+
   def limit(self, runtime):
     provider = provider_of(self.binding, runtime)
     limit = concurrency_of(self.binding, runtime)
     return (("provider", provider.limit_scope(self.binding), limit), limit)
 
   def call_timeout_s(self):
-    t = self.binding.get("timeout_s")
+    t = self.binding.get("deadline_s")   # the whole call; `timeout_s` is per attempt
     return None if t is None else float(t)
+
+  deadline_name = "deadline_s"
 
   def is_async(self, runtime):
     return base.is_async_method(getattr(provider_of(self.binding, runtime), self.method))
 
+  def prepared(self, runtime, identity: tuple, inputs) -> Prepared:
+    """The request of one example and its cache key (None: not cached)."""
+    if isinstance(inputs, Prepared):
+      return inputs
+    args = self.request_args(inputs)
+    mode = self.cache_mode(runtime, inputs)
+    return Prepared(args, None if mode is None else identity + args, mode == "disk")
+
   def prepare(self, runtime):
     provider = provider_of(self.binding, runtime)
     method = getattr(provider, self.method)
-    backoff = base.Backoff(int(self.binding.get("retries")), provider.is_transient)
-    usage, binding = runtime.usage, self.binding
+    binding, usage = self.binding, runtime.usage
+    policy = retry.RetryPolicy(binding.get("retries"), binding.get("timeout_s"),
+                               provider.is_transient, provider.retry_after)
+    identity = provider.cache_identity(binding) + (self.method,)
+
+    def request(args):
+      return retry.Request(method, binding, args, policy, usage, tokens=_tokens)
+
+    def hit(value):
+      usage.add(binding, cache_hits=1)
+      return self.outputs(value)
 
     if base.is_async_method(method):
       async def acall(ctx, inputs):
-        value = await base.acall_provider(usage, binding, backoff, method,
-                                          self.request_args(inputs), ctx)
-        return self.outputs(value)
+        p = self.prepared(runtime, identity, inputs)
+        if p.key is None:
+          return self.outputs(await retry.arun(request(p.args), ctx))
+        cache = runtime.response_cache
+        while True:
+          value = cache.lookup(p.key, p.disk)
+          if value is not MISS:
+            return hit(value)
+          flight = cache.begin(p.key)
+          if flight is None:
+            break
+          value = await _on_loop(flight, asyncio.get_running_loop())
+          if value is not None:
+            return hit(value)
+        try:
+          value = await retry.arun(request(p.args), ctx)
+          outputs = self.outputs(value)     # only checked values are kept
+        except BaseException:
+          cache.end(p.key)
+          raise
+        cache.store(p.key, value, p.disk)
+        cache.end(p.key, value)
+        return outputs
       return acall
 
     def call(ctx, inputs):
-      value = base.call_provider(usage, binding, backoff, method, self.request_args(inputs),
-                                 ctx)
-      return self.outputs(value)
+      p = self.prepared(runtime, identity, inputs)
+      if p.key is None:
+        return self.outputs(retry.run(request(p.args), ctx))
+      cache = runtime.response_cache
+      while True:
+        value = cache.lookup(p.key, p.disk)
+        if value is not MISS:
+          return hit(value)
+        flight = cache.begin(p.key)
+        if flight is None:
+          break
+        while not flight.done():   # wait for the identical request in flight
+          ctx.check_deadline()
+          cf.wait([flight], timeout=ctx_poll_s(ctx))
+        if flight.result() is not None:
+          return hit(flight.result())
+      try:
+        value = retry.run(request(p.args), ctx)
+        outputs = self.outputs(value)       # only checked values are kept
+      except BaseException:
+        cache.end(p.key)
+        raise
+      cache.store(p.key, value, p.disk)
+      cache.end(p.key, value)
+      return outputs
     return call
+
+  def start_batch(self, scope, inputs, in_batched, n, source, on_done=None):
+    """Answers what the response cache holds at once, and starts a job for the
+    rest: hits never reach the provider, misses go out as one batch."""
+    runtime = scope.runtime
+    provider = provider_of(self.binding, runtime)
+    identity = provider.cache_identity(self.binding) + (self.method,)
+    examples = [[x[i] if b else x for x, b in zip(inputs, in_batched)] for i in range(n)]
+    prepared = [self.prepared(runtime, identity, e) for e in examples]
+    keyed = [i for i, p in enumerate(prepared) if p.key is not None]
+    job = self.make_job(scope, n, prepared.__getitem__, source, on_done=on_done)
+    if not keyed:
+      return job.start()
+    cache = runtime.response_cache
+    hits = {}
+    for disk in (False, True):
+      group = [i for i in keyed if prepared[i].disk == disk]
+      if group:
+        found = cache.lookup_many([prepared[i].key for i in group], disk)
+        hits.update((group[j], v) for j, v in found.items())
+    job.start(fed=False)
+    if hits:
+      runtime.usage.add(self.binding, cache_hits=len(hits))
+      job.resolve_many([(i, self.outputs(v)) for i, v in hits.items()])
+    job.feed([i for i in range(n) if i not in hits])
+    return job
 
   def call_example(self, runtime, ctx, inputs):
     return self.prepare(runtime)(ctx, inputs)
@@ -94,6 +231,11 @@ class BindingOp(HostCallOp):
 
   def record_dropped(self, runtime, n):
     runtime.usage.add(self.binding, cancelled=n)
+
+
+def ctx_poll_s(ctx) -> float:
+  left = ctx.remaining()
+  return POLL_S if left is None else max(0.0, min(POLL_S, left))
 
 
 def seed_from_key(key_data: np.ndarray | None, default: int) -> int:
@@ -121,6 +263,11 @@ def encode_answer(answer: str, binding) -> np.ndarray:
 class GenerateOp(BindingOp):
   kind = "generate"
   method = "generate"
+
+  def deterministic(self, inputs):
+    # Greedy decoding, or sampling with a PRNG key the caller passed: the same
+    # request gives the same answer. Sampling without a key is not cached.
+    return float(self.binding.get("temperature")) == 0.0 or len(inputs) > 1
 
   def out_avals(self, in_avals):
     return [jax.ShapeDtypeStruct((int(self.binding.get("output_bytes")),), jnp.uint8)]

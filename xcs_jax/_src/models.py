@@ -227,9 +227,13 @@ def _check_common(spec: str, p: Mapping[str, Any]) -> None:
   if p["overflow"] not in ("error", "truncate"):
     fail("overflow", "'error' or 'truncate'")
   if p["timeout_s"] is not None and not (is_number(p["timeout_s"]) and p["timeout_s"] > 0):
-    fail("timeout_s", "a positive number of seconds or None")
-  if not is_int(p["retries"]) or p["retries"] < 0:
-    fail("retries", "an int >= 0")
+    fail("timeout_s", "a positive number of seconds (each attempt) or None")
+  if p["deadline_s"] is not None and not (is_number(p["deadline_s"]) and p["deadline_s"] > 0):
+    fail("deadline_s", "a positive number of seconds (the whole call) or None")
+  if p["retries"] is not None and not (is_int(p["retries"]) and p["retries"] >= 0):
+    fail("retries", "an int >= 0, or None (retry transient errors until `deadline_s`)")
+  if p["cache"] not in ("auto", "memory", "disk", None):
+    fail("cache", "'auto' (cache deterministic calls in memory), 'memory', 'disk' or None")
   if p["concurrency"] is not None and not (is_int(p["concurrency"]) and p["concurrency"] > 0):
     fail("concurrency", "a positive int or None")
   if not is_number(p["temperature"]) or p["temperature"] < 0:

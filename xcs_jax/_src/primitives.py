@@ -53,6 +53,7 @@ class HostCallOp:
   """
 
   kind: str = "host_call"
+  deadline_name: str = "timeout_s"  # the parameter `call_timeout_s` comes from
   hard_timeout: bool = False        # calls cannot stop themselves at their deadline
   release_on_abandon: bool = False  # an abandoned call frees its limit slot at once
 
@@ -139,6 +140,7 @@ class HostCallOp:
                hard_timeout=self.hard_timeout, release_on_abandon=self.release_on_abandon,
                is_async=is_async, wrap_error=wrap_error, on_done=on_done, on_item=on_item,
                hooks=self, typical_item_s=runtime.item_times.get(self),
+               deadline_name=self.deadline_name,
                on_finished=lambda seconds, items: runtime.item_times.record(
                    self, seconds / items))
 

@@ -16,12 +16,14 @@ from __future__ import annotations
 import atexit
 import collections
 import contextvars
+import os
 import threading
 import warnings
 import weakref
 from xcs_jax._src import executor
 from xcs_jax._src.errors import XCSError
 from xcs_jax._src.providers import base
+from xcs_jax._src.providers import cache as cache_lib
 from xcs_jax._src.usage import UsageMeter
 
 DEFAULT_CANCEL_GRACE_S = 0.02
@@ -73,18 +75,34 @@ class Runtime:
     usage: the `UsageMeter` of the calls this runtime served.
     limits: the concurrency limits in use.
     item_times: measured seconds per item of each op (sizes thread lanes).
+    cache_enabled: whether calls may be answered from the response cache at
+      all (False: every call goes to its provider, whatever its binding says).
   """
 
   def __init__(self, *, name: str = "xcs", cancel_grace_s: float = DEFAULT_CANCEL_GRACE_S,
-               clock: executor.Clock | None = None):
+               clock: executor.Clock | None = None, cache: bool = True,
+               cache_dir: str | None = None,
+               cache_entries: int = cache_lib.DEFAULT_MEMORY_ENTRIES):
     if not isinstance(name, str) or not name:
       raise ValueError(f"`xcs_jax.runtime(name=...)` must be a non-empty str; got {name!r}.")
     if (isinstance(cancel_grace_s, bool) or not isinstance(cancel_grace_s, (int, float))
         or not 0 <= cancel_grace_s < float("inf")):
       raise ValueError("`xcs_jax.runtime(cancel_grace_s=...)` must be a finite number of "
                        f"seconds >= 0; got {cancel_grace_s!r}.")
+    if not isinstance(cache, bool):
+      raise TypeError(f"`xcs_jax.runtime(cache=...)` must be True or False; got {cache!r}.")
+    if cache_dir is not None and not isinstance(cache_dir, (str, os.PathLike)):
+      raise TypeError("`xcs_jax.runtime(cache_dir=...)` must be a directory path or None; "
+                      f"got {cache_dir!r}.")
+    if isinstance(cache_entries, bool) or not isinstance(cache_entries, int) or cache_entries < 1:
+      raise ValueError("`xcs_jax.runtime(cache_entries=...)` must be an int >= 1 (answers "
+                       f"kept in memory); got {cache_entries!r}.")
     self.name = name
     self.cancel_grace_s = float(cancel_grace_s)
+    self.cache_enabled = cache
+    self._cache_dir = None if cache_dir is None else os.path.abspath(os.fspath(cache_dir))
+    self._cache_entries = cache_entries
+    self._response_cache: cache_lib.ResponseCache | None = None
     self.clock = clock or executor.REAL_CLOCK
     self.usage = UsageMeter()
     self.limits = executor.Limits()
@@ -111,6 +129,18 @@ class Runtime:
           self._pool = executor.WorkerPool(self.name)
         pool = self._pool
     return pool
+
+  @property
+  def response_cache(self) -> cache_lib.ResponseCache:
+    """The runtime's response cache (made on first use)."""
+    cache = self._response_cache
+    if cache is None:
+      with self._lock:
+        self._check_open()
+        if self._response_cache is None:
+          self._response_cache = cache_lib.ResponseCache(self._cache_entries, self._cache_dir)
+        cache = self._response_cache
+    return cache
 
   def event_loop(self) -> executor.EventLoopThread:
     """The runtime's asyncio loop for async providers (started on first use)."""
@@ -189,18 +219,24 @@ class Runtime:
         return
       self._closed = True
       providers = list(self._providers.values())
-      pool, loop = self._pool, self._loop
+      pool, loop, cache = self._pool, self._loop, self._response_cache
     for p in providers:
       p.close(self)
     if loop is not None:
       loop.close()
     if pool is not None:
       pool.close()
+    if cache is not None:
+      cache.close()
 
   def __repr__(self) -> str:
     state = "closed" if self._closed else "open"
     return f"xcs_jax.Runtime(name={self.name!r}, {state})"
 
+
+CACHE_ENV = "XCS_JAX_CACHE"
+"""Set to `off` (or 0, false, no) to turn the response cache off in the default runtime."""
+_OFF = ("off", "0", "false", "no")
 
 _default: Runtime | None = None
 _default_lock = threading.Lock()
@@ -213,7 +249,8 @@ def default_runtime() -> Runtime:
   if rt is None:
     with _default_lock:
       if _default is None:
-        _default = Runtime(name="xcs")
+        _default = Runtime(name="xcs",
+                           cache=os.environ.get(CACHE_ENV, "on").lower() not in _OFF)
         atexit.register(_default.close)
       rt = _default
   return rt
@@ -227,7 +264,9 @@ def current_runtime() -> Runtime:
 
 
 def runtime(*, name: str = "xcs", cancel_grace_s: float = DEFAULT_CANCEL_GRACE_S,
-            clock: executor.Clock | None = None) -> Runtime:
+            clock: executor.Clock | None = None, cache: bool = True,
+            cache_dir: str | None = None,
+            cache_entries: int = cache_lib.DEFAULT_MEMORY_ENTRIES) -> Runtime:
   """A new runtime; `with xcs_jax.runtime() as rt:` makes it current and closes it.
 
   Args:
@@ -235,13 +274,18 @@ def runtime(*, name: str = "xcs", cancel_grace_s: float = DEFAULT_CANCEL_GRACE_S
     cancel_grace_s: after a failure, how long running calls get to stop before
       they are abandoned (default 0.02 s).
     clock: a `Clock` (tests inject one that does not sleep).
+    cache: False turns the response cache off for every call in this runtime.
+    cache_dir: the disk cache's directory (default: `XCS_JAX_CACHE_DIR`, else
+      `~/.cache/xcs_jax/responses`).
+    cache_entries: answers kept in memory (least recently used dropped).
 
   Examples:
     >>> with xcs_jax.runtime() as rt:
     ...   answers = f(prompts)
     ...   print(xcs_jax.usage())     # this runtime's calls only
   """
-  return Runtime(name=name, cancel_grace_s=cancel_grace_s, clock=clock)
+  return Runtime(name=name, cancel_grace_s=cancel_grace_s, clock=clock, cache=cache,
+                 cache_dir=cache_dir, cache_entries=cache_entries)
 
 
 class TraceRuntime:

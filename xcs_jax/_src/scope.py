@@ -49,21 +49,30 @@ class CallContext:
   cancelled by their task instead. `CallContext()` on its own (no scope, no
   deadline) is fine for calling a provider directly.
 
+  A call made with retries gets one context for the whole call (its deadline
+  from the binding's `deadline_s`) and, per attempt, a child from
+  `attempt(timeout_s)` whose deadline is `timeout_s` away, never later than
+  the call's: that child is what the provider method sees.
+
   Attributes:
     deadline: a `clock.now()` value past which the call must raise
       `XCSTimeoutError`, or None.
     timeout_s: the timeout the deadline came from (for messages).
+    what: the parameter that timeout is (for messages): "timeout_s" or
+      "deadline_s".
   """
 
   __slots__ = ("scope", "deadline", "timeout_s", "clock", "hard_deadline", "abandoned",
-               "index")
+               "index", "what")
 
   def __init__(self, scope: "Scope | None" = None, *, timeout_s: float | None = None,
-               clock: Clock = REAL_CLOCK, hard: bool = False, index: int = 0):
+               clock: Clock = REAL_CLOCK, hard: bool = False, index: int = 0,
+               what: str = "timeout_s"):
     self.scope = scope
     self.index = index       # the item of its batch
     self.clock = clock
     self.timeout_s = timeout_s
+    self.what = what
     self.deadline = None if timeout_s is None else clock.now() + float(timeout_s)
     # Calls that cannot stop themselves (a host function) are timed out by the
     # waiter at their deadline.
@@ -90,7 +99,17 @@ class CallContext:
       raise self.timeout_error()
 
   def timeout_error(self) -> XCSTimeoutError:
+    if self.what == "deadline_s":
+      return XCSTimeoutError(f"the call ran past its deadline (deadline_s={self.timeout_s})")
     return XCSTimeoutError(f"the call ran past its timeout of {self.timeout_s} s")
+
+  def attempt(self, timeout_s: float | None) -> "CallContext":
+    """A context for one attempt: this call's cancellation and clock, and a
+    deadline `timeout_s` from now, or this call's deadline if that is sooner."""
+    child = CallContext(self.scope, timeout_s=timeout_s, clock=self.clock, index=self.index)
+    if self.deadline is not None and (child.deadline is None or self.deadline <= child.deadline):
+      child.deadline, child.timeout_s, child.what = self.deadline, self.timeout_s, self.what
+    return child
 
   def sleep(self, seconds: float) -> None:
     """Sleeps `seconds`, waking early (and raising) on cancellation or deadline."""
@@ -308,6 +327,7 @@ class Job:
     typical_item_s: the op's measured seconds per item, or None (unknown).
     on_finished: called with `(seconds, items)` run by the job's lanes, once
       all of them ended (for the next job's `typical_item_s`).
+    deadline_name: the parameter `timeout_s` comes from, for messages.
   """
 
   def __init__(self, scope: Scope, n: int, run_item: Callable, *,
@@ -318,7 +338,8 @@ class Job:
                on_done: Callable[["Job"], None] | None = None,
                on_item: Callable[[int, Any], None] | None = None, hooks: Any = None,
                typical_item_s: float | None = None,
-               on_finished: Callable[[float, int], None] | None = None):
+               on_finished: Callable[[float, int], None] | None = None,
+               deadline_name: str = "timeout_s"):
     self.scope = scope
     self.n = n
     self.run_item = run_item
@@ -334,6 +355,7 @@ class Job:
     self.hooks = hooks
     self.typical_item_s = typical_item_s
     self.on_finished = on_finished
+    self.deadline_name = deadline_name
     self._seconds = 0.0      # run by lanes that ended
     self._items_run = 0
     self.results: list = [None] * n
@@ -387,7 +409,7 @@ class Job:
 
   def _thread_lanes_for(self, queued: int) -> int:
     t = self.typical_item_s
-    if t is None or t >= QUICK_ITEM_S:
+    if t is None or t >= QUICK_ITEM_S or queued == 0:
       return queued
     return max(1, min(queued, math.ceil(queued * t / LANE_WORK_S)))
 
@@ -467,7 +489,7 @@ class Job:
 
   def _context(self, i: int) -> CallContext:
     return CallContext(self.scope, timeout_s=self.timeout_s, clock=self.scope.clock,
-                       hard=self.hard_timeout, index=i)
+                       hard=self.hard_timeout, index=i, what=self.deadline_name)
 
   def _thread_lane(self) -> None:
     scope = self.scope
@@ -605,6 +627,18 @@ class Job:
       self.on_item(i, result)
     with self._lock:
       self._left -= 1
+      last = self._left == 0 and not self._finished
+    if last:
+      self._finish()
+
+  def resolve_many(self, results) -> None:
+    """Completes items without running them: `(i, result)` pairs (answers from
+    the response cache). Call between `start(fed=False)` and `feed`."""
+    results = list(results)
+    for i, result in results:
+      self.results[i] = result
+    with self._lock:
+      self._left -= len(results)
       last = self._left == 0 and not self._finished
     if last:
       self._finish()

@@ -11,7 +11,9 @@ class Usage:
   """Counters for one binding, readable from Python.
 
   Attributes:
-    calls: provider calls started (retries are not extra calls).
+    calls: provider calls started (retries are not extra calls; answers from
+      the response cache are not calls).
+    cache_hits: calls answered from the response cache (no provider call).
     errors: calls that failed for a reason of their own.
     retries: extra attempts after transient errors.
     cancelled: calls stopped, or never started, because their run failed
@@ -23,6 +25,7 @@ class Usage:
     seconds: time spent in calls (summed over concurrent calls).
   """
   calls: int = 0
+  cache_hits: int = 0
   errors: int = 0
   retries: int = 0
   cancelled: int = 0

@@ -11,8 +11,9 @@ Parameters (beside the common ones):
 
 Requests go through the SDK's async client (`anthropic.AsyncAnthropic`) on
 the runtime's event loop, so a cancelled or timed-out request is really
-abandoned. Retries are the SDK's own (`max_retries=retries`); xcs_jax does
-not retry on top of it. The binding's `timeout_s` bounds the whole call.
+abandoned. The SDK's own retries are off: the runtime retries rate limits,
+overloads (529), 5xx answers and lost connections until the call's
+`deadline_s`; `timeout_s` bounds each attempt.
 
 Sampling: the current Messages API (SDK 2.x, API version 2026-10-21) takes no
 sampling parameters and has never taken a seed, so the binding's
@@ -60,9 +61,6 @@ class AnthropicProvider(base.Provider):
     spec = f"anthropic:{model}"
     sdk.check_endpoint(spec, params, "anthropic", _EXTRA)
 
-  def is_transient(self, error):
-    return False      # the SDK has already retried what was worth retrying
-
   async def generate(self, binding, prompt, seed, ctx):
     anthropic = sdk.import_sdk("anthropic", _EXTRA)
     p = binding.options
@@ -73,7 +71,8 @@ class AnthropicProvider(base.Provider):
             model=binding.model, max_tokens=int(p["max_tokens"]),
             messages=[{"role": "user", "content": prompt}], timeout=timeout, **extra),
         ctx=ctx,
-        timeout_errors=(anthropic.APITimeoutError,), secret=key,
+        timeout_errors=(anthropic.APITimeoutError,),
+                             connection_errors=(anthropic.APIConnectionError,), secret=key,
         what=f"messages request to {binding}")
     text = "".join(block.text for block in response.content
                    if getattr(block, "type", None) == "text")

@@ -1,4 +1,4 @@
-"""What every provider shares: the interface, the registry, retries, metering.
+"""What every provider shares: the interface and the registry.
 
 A provider turns requests of a `ModelBinding` into answers. Providers are the
 only place with network I/O; they never start threads (the runtime does).
@@ -11,16 +11,13 @@ loop (no thread per request, and cancellation really abandons a request).
 """
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import inspect
-import random
-import time
 from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
 
-from xcs_jax._src.errors import XCSCancelledError, XCSTimeoutError
+from xcs_jax._src.errors import XCSTimeoutError
 from xcs_jax._src.scope import CallContext
 
 # Parameters every binding accepts, with their defaults.
@@ -29,12 +26,20 @@ COMMON_PARAMS: dict[str, Any] = {
     "max_tokens": 128,
     "output_bytes": 1024,     # capacity of the answer's text array
     "overflow": "error",      # or "truncate" (at a UTF-8 character boundary)
-    "timeout_s": 60.0,
-    "retries": 2,             # extra attempts on transient errors
+    "timeout_s": 60.0,        # bounds one attempt
+    "deadline_s": 600.0,      # bounds the whole call: attempts, backoff, waits on limits
+    "retries": None,          # extra attempts on transient errors; None: until deadline_s
     "concurrency": None,      # None: the provider's default
     "system_prompt": None,
     "seed": 0,
+    "cache": "auto",          # "memory", "disk" or None; "auto": memory when deterministic
 }
+
+NON_ANSWER_PARAMS = frozenset({"output_bytes", "overflow", "timeout_s", "deadline_s",
+                               "retries", "concurrency", "cache", "api_key_env"})
+"""Common parameters that do not change a model's answer (how it is stored,
+waited for, retried, limited, authenticated); every other parameter keys the
+response cache. Providers name their own in `Provider.non_answer_params`."""
 
 LOGPROB_ROUNDING_TOL = 1e-4
 """Summing per-token log-probabilities in float32 can round a certain option's
@@ -50,7 +55,14 @@ class Completion:
 
 
 class TransientError(Exception):
-  """A failure worth retrying (rate limit, 5xx, timeout, connection reset)."""
+  """A failure worth retrying (rate limit, 5xx, timeout, connection reset).
+
+  `retry_after_s` (optional) is how long the server asked to wait.
+  """
+
+  def __init__(self, message: str = "", *, retry_after_s: float | None = None):
+    super().__init__(message)
+    self.retry_after_s = retry_after_s
 
 
 class Provider:
@@ -62,13 +74,26 @@ class Provider:
   Attributes:
     name: the prefix of `"provider:model"`.
     params: provider-specific binding parameters and their defaults.
+    non_answer_params: which of them do not change the answer (all others
+      key the response cache: a parameter left out of this set is safe).
     default_concurrency: calls in flight at once, per endpoint, unless the
       binding says otherwise.
   """
 
   name: ClassVar[str] = ""
   params: ClassVar[Mapping[str, Any]] = {}
+  non_answer_params: ClassVar[frozenset] = frozenset()
   default_concurrency: ClassVar[int] = 16
+
+  def cache_identity(self, binding) -> tuple:
+    """What identifies the model behind `binding` in response-cache keys: the
+    provider, the model and every parameter that may change the answer (all
+    but `NON_ANSWER_PARAMS` and the provider's `non_answer_params`; an
+    endpoint's `base_url` among them), never an API key (only the name of the
+    variable holding it is a parameter, and not even that is in the key).
+    Override to add what names cannot tell (a file's identity)."""
+    skip = NON_ANSWER_PARAMS | self.non_answer_params
+    return (self.name, binding.model) + tuple(p for p in binding.params if p[0] not in skip)
 
   def concurrency(self, binding) -> int:
     """Calls in flight at once for a binding that does not set `concurrency`."""
@@ -100,7 +125,17 @@ class Provider:
     raise NotImplementedError(f"provider `{self.name}` cannot embed text")
 
   def is_transient(self, error: BaseException) -> bool:
-    return isinstance(error, (TransientError, ConnectionResetError))
+    """Whether an attempt that failed with `error` is worth retrying: a
+    `TransientError`, a reset or refused connection, an attempt that ran past
+    `timeout_s`, or an error marked `transient` (the SDK providers mark rate
+    limits, overloads and 5xx answers)."""
+    return (isinstance(error, (TransientError, ConnectionError, XCSTimeoutError))
+            or bool(getattr(error, "transient", False)))
+
+  def retry_after(self, error: BaseException) -> float | None:
+    """Seconds the server asked to wait before the next attempt, if it said."""
+    value = getattr(error, "retry_after_s", None)
+    return None if value is None else float(value)
 
   def close(self, runtime) -> None:
     """Frees what the instance holds (clients, models) when its runtime closes."""
@@ -139,98 +174,3 @@ def provider_factory(name: str) -> Callable[[], Provider]:
 
 def is_async_method(method: Callable) -> bool:
   return inspect.iscoroutinefunction(method)
-
-
-@dataclasses.dataclass(frozen=True)
-class Backoff:
-  """Exponential backoff with full jitter on transient errors."""
-  retries: int
-  is_transient: Callable[[BaseException], bool]
-  base_delay_s: float = 0.05
-  max_delay_s: float = 2.0
-
-  def delay(self, error: BaseException, attempt: int) -> float | None:
-    """Seconds to wait before attempt `attempt + 1`, or None to give up."""
-    if isinstance(error, (XCSCancelledError, XCSTimeoutError)):
-      return None
-    if attempt >= self.retries or not self.is_transient(error):
-      return None
-    return random.uniform(0, min(self.max_delay_s, self.base_delay_s * 2 ** (attempt + 1)))
-
-
-class Metered:
-  """Usage accounting around one provider call (sync or async)."""
-
-  __slots__ = ("usage", "binding", "ctx", "start")
-
-  def __init__(self, usage, binding, ctx: CallContext):
-    self.usage, self.binding, self.ctx = usage, binding, ctx
-
-  def __enter__(self) -> "Metered":
-    self.start = time.perf_counter()
-    return self
-
-  def retried(self) -> None:
-    self.usage.add(self.binding, retries=1)
-
-  def __exit__(self, kind, error, tb) -> None:
-    seconds = time.perf_counter() - self.start
-    if self.ctx.abandoned:      # counted when it was abandoned
-      self.usage.add(self.binding, calls=1, seconds=seconds)
-    elif error is None:
-      return
-    elif isinstance(error, (XCSCancelledError, asyncio.CancelledError, KeyboardInterrupt)):
-      self.usage.add(self.binding, calls=1, cancelled=1, seconds=seconds)
-    else:
-      self.usage.add(self.binding, calls=1, errors=1, seconds=seconds)
-
-  def succeeded(self, result: Any) -> None:
-    seconds = time.perf_counter() - self.start
-    if isinstance(result, Completion):
-      self.usage.add_call(self.binding, seconds, result.prompt_tokens,
-                          result.completion_tokens)
-    else:
-      self.usage.add_call(self.binding, seconds)
-
-
-def call_provider(usage, binding, backoff: Backoff, method: Callable, args: tuple,
-                  ctx: CallContext) -> Any:
-  """`method(binding, *args, ctx)` with retries (backoff sleeps count against
-  the call's deadline) and usage accounting."""
-  with Metered(usage, binding, ctx) as meter:
-    attempt = 0
-    while True:
-      ctx.check()
-      try:
-        result = method(binding, *args, ctx)
-        break
-      except Exception as e:
-        delay = backoff.delay(e, attempt)
-        if delay is None:
-          raise
-      ctx.sleep(delay)        # counts against the deadline
-      attempt += 1
-      meter.retried()
-    if not ctx.abandoned:
-      meter.succeeded(result)
-    return result
-
-
-async def acall_provider(usage, binding, backoff: Backoff, method: Callable, args: tuple,
-                         ctx: CallContext) -> Any:
-  """`call_provider` for an `async def` provider method."""
-  with Metered(usage, binding, ctx) as meter:
-    attempt = 0
-    while True:
-      try:
-        result = await method(binding, *args, ctx)
-        break
-      except Exception as e:
-        delay = backoff.delay(e, attempt)
-        if delay is None:
-          raise
-      await ctx.asleep(delay)
-      attempt += 1
-      meter.retried()
-    meter.succeeded(result)
-    return result

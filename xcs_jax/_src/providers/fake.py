@@ -61,6 +61,7 @@ class FakeProvider(base.Provider):
   default_concurrency = 1024    # async: calls in flight cost no thread
   params = {"latency_s": 0.0, "fail_on": None, "transient_failures": 0,
             "choices": ("yes", "no"), "option_bias": (), "embedding_dim": 64}
+  non_answer_params = frozenset({"latency_s", "fail_on", "transient_failures"})
 
   def validate(self, model, params):
     if model not in MODELS:

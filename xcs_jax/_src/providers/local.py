@@ -213,9 +213,17 @@ class LocalProvider(base.Provider):
   default_concurrency = 2       # the default `pool_size`: more calls would only queue
   params = {"model_path": None, "pool_size": 2, "n_threads": None, "n_ctx": 2048,
             "reuse_prompt_state": True}
+  non_answer_params = frozenset({"pool_size", "n_threads", "reuse_prompt_state"})
 
   def concurrency(self, binding) -> int:
     return int(binding.get("pool_size"))
+
+  def cache_identity(self, binding) -> tuple:
+    # The file itself, not only its name: a model replaced in place is another model.
+    path = self.model_path(binding)
+    st = os.stat(path)
+    return super().cache_identity(binding) + (("file", os.path.realpath(path), st.st_size,
+                                               st.st_mtime_ns),)
 
   def __init__(self):
     self._pools: dict[tuple, InstancePool] = {}

@@ -20,10 +20,12 @@ Parameters (beside the common ones):
 Requests go through the SDK's async client (`openai.AsyncOpenAI`) on the
 runtime's event loop: a cancelled or timed-out request is really abandoned
 (its connection closed), and requests in flight need no thread each.
-Retries are the SDK's own (`max_retries=retries`, with the SDK's backoff, on
-connection errors, 408, 409, 429 and 5xx); xcs_jax does not retry on top of
-it. The binding's `timeout_s` bounds the whole call, retries included. One
-client is kept per (base_url, api_key_env, key, timeout, retries) and runtime.
+The SDK's own retries are off (`max_retries=0`): every attempt's failure
+reaches the runtime, which retries lost connections, 408, 409, 429 and 5xx
+answers (after the server's `Retry-After` when it sends one) until the
+call's `deadline_s` (see docs/providers.md); `timeout_s` bounds each
+attempt. One client is kept per (base_url, api_key_env, key, timeout) and
+runtime.
 
 `score_options`: the chat API returns log-probabilities only of tokens the
 model generates, never of a given text, so options are scored through the
@@ -101,16 +103,14 @@ class OpenAIProvider(base.Provider):
                        "{prompt} and exactly one {reply} field (and optionally "
                        f"{{system}}), e.g. CHATML; got {template!r}.")
 
-  def is_transient(self, error):
-    return False      # the SDK has already retried what was worth retrying
-
   # -- client and one request --------------------------------------------------
 
   async def _request(self, binding, ctx, send, what: str):
     openai = sdk.import_sdk("openai", _EXTRA)
     client, key = self._clients.get(binding)
     return await sdk.request(lambda timeout: send(client, timeout), ctx=ctx,
-                             timeout_errors=(openai.APITimeoutError,), secret=key,
+                             timeout_errors=(openai.APITimeoutError,),
+                             connection_errors=(openai.APIConnectionError,), secret=key,
                              what=f"{what} request to {binding}")
 
   # -- calls -------------------------------------------------------------------

@@ -18,11 +18,13 @@ key are replaced by a redacted copy (some servers echo a wrong key back).
 """
 from __future__ import annotations
 
+import email.utils
 import hashlib
 import importlib
 import importlib.util
 import os
 import threading
+import time
 from typing import Any, Awaitable, Callable
 
 from xcs_jax._src.errors import ProviderAPIError, XCSTimeoutError
@@ -104,18 +106,88 @@ def redact(error: BaseException, secret: str | None) -> BaseException:
                           f"{f' (HTTP {status})' if status else ''}: {clean}")
 
 
-async def request(send: Callable[[float | None], Awaitable[Any]], *, ctx: CallContext,
-                  timeout_errors: tuple[type[BaseException], ...], secret: str | None,
-                  what: str) -> Any:
-  """`await send(timeout)`: one SDK request, bounded by the call's deadline.
+TRANSIENT_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504, 529})
+"""HTTP statuses worth retrying: timeouts, conflicts, rate limits, overloads, 5xx."""
 
-  The SDK does its own retries (its `max_retries` is the binding's `retries`),
-  so this makes exactly one SDK call. Cancelling the task (a failed sibling,
-  an interrupt, the deadline) abandons the request and closes its connection.
+
+def retry_after_s(headers: Any) -> float | None:
+  """The delay a server asked for: `retry-after-ms`, `retry-after` (seconds or
+  an HTTP date), else the `x-ratelimit-reset-*` the OpenAI API sends."""
+  if not headers:
+    return None
+  get = headers.get
+  try:
+    if get("retry-after-ms") is not None:
+      return max(0.0, float(get("retry-after-ms")) / 1000)
+    value = get("retry-after")
+    if value is not None:
+      try:
+        return max(0.0, float(value))
+      except ValueError:
+        when = email.utils.parsedate_to_datetime(value)
+        return max(0.0, when.timestamp() - time.time())
+    resets = [parse_duration(get(h)) for h in ("x-ratelimit-reset-requests",
+                                                "x-ratelimit-reset-tokens")]
+    resets = [r for r in resets if r is not None]
+    return max(resets) if resets else None
+  except (TypeError, ValueError, OverflowError):
+    return None
+
+
+def parse_duration(value: Any) -> float | None:
+  """Seconds in an `x-ratelimit-reset-*` value: `"1s"`, `"6m0s"`, `"20ms"`, `"0.5"`."""
+  if value is None:
+    return None
+  text = str(value).strip()
+  try:
+    return float(text)
+  except ValueError:
+    pass
+  total, number = 0.0, ""
+  units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+  i = 0
+  while i < len(text):
+    c = text[i]
+    if c.isdigit() or c == ".":
+      number += c
+      i += 1
+      continue
+    unit = "ms" if text.startswith("ms", i) else c
+    if unit not in units or not number:
+      return None
+    total += float(number) * units[unit]
+    number = ""
+    i += len(unit)
+  return total if not number else None
+
+
+def classify(error: BaseException, cause: BaseException, connection_errors: tuple) -> None:
+  """Marks `cause` (the error raised, maybe a redacted copy of `error`) with
+  `transient`, `status` and `retry_after_s`, read from the SDK's `error`."""
+  status = getattr(error, "status_code", None)
+  response = getattr(error, "response", None)
+  headers = getattr(response, "headers", None)
+  cause.status = status
+  cause.transient = isinstance(error, connection_errors) or status in TRANSIENT_STATUS
+  cause.retry_after_s = retry_after_s(headers) if status in (429, 503, 529) else None
+
+
+async def request(send: Callable[[float | None], Awaitable[Any]], *, ctx: CallContext,
+                  timeout_errors: tuple[type[BaseException], ...],
+                  connection_errors: tuple[type[BaseException], ...] = (),
+                  secret: str | None, what: str) -> Any:
+  """`await send(timeout)`: one SDK request (one attempt), bounded by `ctx`'s
+  deadline.
+
+  The SDK's own retries are off (`max_retries=0`): every failure comes here,
+  marked `transient` (rate limits, overloads, 5xx, lost connections) with the
+  server's `Retry-After`, for the runtime's retry rules and rate limiter.
+  Cancelling the task (a failed sibling, an interrupt, the deadline) abandons
+  the request and closes its connection.
 
   Raises:
     XCSCancelledError: the call's run failed before the request started.
-    XCSTimeoutError: the deadline passed, or the SDK gave up on a timeout.
+    XCSTimeoutError: the attempt ran past its timeout.
   """
   ctx.check()
   timeout = ctx.timeout_s
@@ -133,6 +205,7 @@ async def request(send: Callable[[float | None], Awaitable[Any]], *, ctx: CallCo
     timed_out = True
   except Exception as e:
     cause = redact(e, secret)
+    classify(e, cause, connection_errors)
     if cause is e:
       raise
     timed_out = False
@@ -143,9 +216,10 @@ async def request(send: Callable[[float | None], Awaitable[Any]], *, ctx: CallCo
 
 
 class ClientCache:
-  """One SDK client per (base_url, api_key_env, key, timeout_s, retries).
+  """One SDK client per (base_url, api_key_env, key, timeout_s).
 
-  `make(base_url=, api_key=, timeout=, max_retries=)` builds a client; the
+  `make(base_url=, api_key=, timeout=, max_retries=0)` builds a client (its
+  retries off: the runtime retries, see `retry.py`); the
   key is read from the binding's `api_key_env` each time a client is looked
   up, so a changed variable takes effect (the cache holds a digest of it).
   Each provider instance (so each runtime) has its own cache; async clients
@@ -163,13 +237,13 @@ class ClientCache:
     p = binding.options
     key = read_api_key(f"{self._provider}:{binding.model}", p["api_key_env"])
     cache_key = (p["base_url"], p["api_key_env"], key_fingerprint(key),
-                 p["timeout_s"], p["retries"])
+                 p["timeout_s"])
     with self._lock:
       client = self._clients.get(cache_key)
       if client is None:
         client = self._clients[cache_key] = self._make(
             base_url=p["base_url"], api_key=key, timeout=p["timeout_s"],
-            max_retries=int(p["retries"]))
+            max_retries=0)
     return client, key
 
   async def aclose(self) -> None:

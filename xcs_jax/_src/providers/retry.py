@@ -1,0 +1,192 @@
+"""Retries, deadlines and usage accounting around one provider request.
+
+One set of rules for every provider:
+
+- `timeout_s` bounds one attempt's running time;
+- `deadline_s` bounds the call's whole life: its attempts, the backoff
+  sleeps between them, waits on rate limits and failover to other replicas.
+  Time queued for a worker (or for a slot of a concurrency limit) counts
+  against neither: the call's clock starts when it starts running;
+- an attempt that fails with a transient error (`Provider.is_transient`: rate
+  limited, overloaded, a reset or refused connection, an attempt timeout) is
+  retried after an exponential backoff with full jitter, or after the
+  server's `Retry-After` if it said so, until the deadline (or `retries`
+  retries, where the binding caps them). Permanent errors are never retried.
+
+The SDK providers turn their SDK's own retries off, so every 429 and every
+`Retry-After` reaches these rules (and the endpoint's rate limiter).
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import math
+import random
+import time
+from typing import Any, Callable
+
+from xcs_jax._src.errors import XCSCancelledError, XCSTimeoutError
+from xcs_jax._src.scope import CallContext
+
+BASE_DELAY_S = 0.05
+MAX_DELAY_S = 5.0
+
+
+@dataclasses.dataclass(frozen=True)
+class RetryPolicy:
+  """When to retry a failed attempt, and after how long.
+
+  Attributes:
+    retries: at most this many retries, or None: until the call's deadline.
+    attempt_timeout_s: each attempt's timeout (the binding's `timeout_s`).
+    is_transient: the provider's verdict on an error.
+    retry_after: the provider's reading of a server-requested delay, or None.
+  """
+  retries: int | None
+  attempt_timeout_s: float | None
+  is_transient: Callable[[BaseException], bool]
+  retry_after: Callable[[BaseException], float | None]
+  base_delay_s: float = BASE_DELAY_S
+  max_delay_s: float = MAX_DELAY_S
+
+  def delay(self, error: BaseException, attempt: int, ctx: CallContext) -> float | None:
+    """Seconds to wait before attempt `attempt + 1`; None to give up (the error
+    stands); `math.inf` when the deadline comes before the next attempt could
+    start (the call then fails with its deadline, the error as its cause)."""
+    if isinstance(error, XCSCancelledError) or ctx.cancelled:
+      return None
+    if self.retries is not None and attempt >= self.retries:
+      return None
+    if not self.is_transient(error):
+      return None
+    wait = random.uniform(0, min(self.max_delay_s, self.base_delay_s * 2 ** (attempt + 1)))
+    asked = self.retry_after(error)
+    if asked is not None:
+      wait = max(wait, float(asked))
+    left = ctx.remaining()
+    if left is not None and left <= wait:
+      return math.inf
+    return wait
+
+
+class Metered:
+  """Usage accounting around one provider call (sync or async)."""
+
+  __slots__ = ("usage", "binding", "ctx", "start")
+
+  def __init__(self, usage, binding, ctx: CallContext):
+    self.usage, self.binding, self.ctx = usage, binding, ctx
+
+  def __enter__(self) -> "Metered":
+    self.start = time.perf_counter()
+    return self
+
+  def retried(self) -> None:
+    self.usage.add(self.binding, retries=1)
+
+  def __exit__(self, kind, error, tb) -> None:
+    seconds = time.perf_counter() - self.start
+    if self.ctx.abandoned:      # counted when it was abandoned
+      self.usage.add(self.binding, calls=1, seconds=seconds)
+    elif error is None:
+      return
+    elif isinstance(error, (XCSCancelledError, asyncio.CancelledError, KeyboardInterrupt)):
+      self.usage.add(self.binding, calls=1, cancelled=1, seconds=seconds)
+    else:
+      self.usage.add(self.binding, calls=1, errors=1, seconds=seconds)
+
+  def succeeded(self, prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
+    self.usage.add_call(self.binding, time.perf_counter() - self.start, prompt_tokens,
+                        completion_tokens)
+
+
+@dataclasses.dataclass
+class Request:
+  """One provider request with what runs around each attempt.
+
+  `before(ctx)` runs before every attempt (waits on rate limits, checks the
+  budget; it may raise) and returns a token for `after(token, result, error)`,
+  which runs after it (settles rate limits and budget, notes 429s).
+  """
+  method: Callable
+  binding: Any
+  args: tuple
+  policy: RetryPolicy
+  usage: Any
+  before: Callable[[CallContext], Any] | None = None
+  after: Callable[[Any, Any, BaseException | None], None] | None = None
+  tokens: Callable[[Any], tuple[int, int]] = lambda result: (0, 0)
+
+
+def _give_up(error: BaseException, delay: float | None, attempts: int,
+             ctx: CallContext) -> BaseException:
+  """The error a call raises when it stops retrying: its own, or, when the
+  deadline ended the retries, a timeout (with the last error as its cause)."""
+  if delay is None and not (isinstance(error, XCSTimeoutError) and ctx.deadline is not None
+                            and ctx.remaining() <= 0):
+    return error
+  timeout = ctx.timeout_error()
+  timeout.args = (f"{timeout.args[0]} after {attempts} attempt(s); the last one failed: "
+                  f"{type(error).__name__}: {error}",)
+  return timeout
+
+
+def run(request: Request, ctx: CallContext) -> Any:
+  """`method(binding, *args, attempt_ctx)`, retried per the policy (sync)."""
+  with Metered(request.usage, request.binding, ctx) as meter:
+    attempt = 0
+    while True:
+      ctx.check_deadline()
+      token = request.before(ctx) if request.before is not None else None
+      try:
+        result = request.method(request.binding, *request.args,
+                                ctx.attempt(request.policy.attempt_timeout_s))
+      except Exception as e:
+        if request.after is not None:
+          request.after(token, None, e)
+        delay = request.policy.delay(e, attempt, ctx)
+        if delay is None or delay == math.inf:
+          final = _give_up(e, delay, attempt + 1, ctx)
+          if final is e:
+            raise
+          raise final from e
+      else:
+        if request.after is not None:
+          request.after(token, result, None)
+        break
+      ctx.sleep(delay)        # counts against the deadline
+      attempt += 1
+      meter.retried()
+    if not ctx.abandoned:
+      meter.succeeded(*request.tokens(result))
+    return result
+
+
+async def arun(request: Request, ctx: CallContext) -> Any:
+  """`run` for an `async def` provider method."""
+  with Metered(request.usage, request.binding, ctx) as meter:
+    attempt = 0
+    while True:
+      ctx.check_deadline()
+      token = await request.before(ctx) if request.before is not None else None
+      try:
+        result = await request.method(request.binding, *request.args,
+                                      ctx.attempt(request.policy.attempt_timeout_s))
+      except Exception as e:
+        if request.after is not None:
+          request.after(token, None, e)
+        delay = request.policy.delay(e, attempt, ctx)
+        if delay is None or delay == math.inf:
+          final = _give_up(e, delay, attempt + 1, ctx)
+          if final is e:
+            raise
+          raise final from e
+      else:
+        if request.after is not None:
+          request.after(token, result, None)
+        break
+      await ctx.asleep(delay)
+      attempt += 1
+      meter.retried()
+    meter.succeeded(*request.tokens(result))
+    return result
