@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xcs_jax._src import budget as budget_lib
 from xcs_jax._src import text as text_lib
 from xcs_jax._src.primitives import HostCallOp, make_host_primitive
 from xcs_jax._src.providers import base
@@ -93,6 +94,14 @@ class BindingOp(HostCallOp):
     """Whether the answer is a function of the request (cached by `cache="auto"`)."""
     return True
 
+  def estimate(self, args: tuple) -> tuple[int, int]:
+    """(input tokens, output tokens) a request will use, before it is sent
+    (for rate limits and budgets): text arguments at about 4 bytes a token."""
+    words = [a for a in args if isinstance(a, str)]
+    words += [o for a in args if isinstance(a, tuple) for o in a if isinstance(o, str)]
+    system = self.binding.get("system_prompt") or ""
+    return budget_lib.estimate_tokens(system + "".join(words)), 0
+
   def cache_mode(self, runtime: Runtime, inputs: Sequence[np.ndarray]) -> str | None:
     """"memory", "disk" or None for this call in `runtime`."""
     if not runtime.cache_enabled:
@@ -131,9 +140,11 @@ class BindingOp(HostCallOp):
     policy = retry.RetryPolicy(binding.get("retries"), binding.get("timeout_s"),
                                provider.is_transient, provider.retry_after)
     identity = provider.cache_identity(binding) + (self.method,)
+    before, after = self._limits_and_budgets(runtime)
 
     def request(args):
-      return retry.Request(method, binding, args, policy, usage, tokens=_tokens)
+      return retry.Request(method, binding, args, policy, usage, before=before(args),
+                           after=after, tokens=_tokens)
 
     def hit(value):
       usage.add(binding, cache_hits=1)
@@ -193,6 +204,46 @@ class BindingOp(HostCallOp):
       cache.end(p.key, value)
       return outputs
     return call
+
+  def _limits_and_budgets(self, runtime):
+    """The hooks around each attempt: budgets (the runtime's and the run's
+    `xcs_jax.budget` blocks) and the endpoint's rate limiter."""
+    binding = self.binding
+    key, concurrency = self.limit(runtime)
+    limiter = runtime.limiter(provider_of(binding, runtime).limit_scope(binding))
+    limiter.configure(binding.get("rpm"), binding.get("tpm"), key, concurrency)
+    usage = runtime.usage
+
+    def before(args):
+      tokens_in, tokens_out = self.estimate(args)
+
+      def reserve(ctx):
+        budgets = (ctx.scope.budgets if ctx.scope is not None else ()) + (
+            (runtime.budget,) if runtime.budget is not None else ())
+        reservations = []
+        try:
+          for b in budgets:
+            reservations.append((b, b.reserve(binding, tokens_in, tokens_out)))
+        except BaseException:
+          for b, r in reservations:
+            b.settle(binding, r, 0, 0)
+          raise
+        wait = limiter.reserve(1, tokens_in + tokens_out) if limiter.active else 0.0
+        if wait > 0:
+          usage.add(binding, waited_s=wait)
+        return (tokens_in + tokens_out, reservations), wait
+      return reserve
+
+    def after(token, result, error, actx):
+      estimated, reservations = token
+      used = _tokens(result) if error is None else (0, 0)
+      known = error is not None or isinstance(result, base.Completion)
+      for b, r in reservations:
+        if known:
+          b.settle(binding, r, *used)
+      limiter.settle(estimated, sum(used) if known else None)
+      limiter.observe(error, actx.headers)
+    return before, after
 
   def start_batch(self, scope, inputs, in_batched, n, source, on_done=None):
     """Answers what the response cache holds at once, and starts a job for the
@@ -268,6 +319,10 @@ class GenerateOp(BindingOp):
     # Greedy decoding, or sampling with a PRNG key the caller passed: the same
     # request gives the same answer. Sampling without a key is not cached.
     return float(self.binding.get("temperature")) == 0.0 or len(inputs) > 1
+
+  def estimate(self, args):
+    tokens_in, _ = super().estimate(args[:1])    # the prompt (not the seed)
+    return tokens_in, int(self.binding.get("max_tokens"))
 
   def out_avals(self, in_avals):
     return [jax.ShapeDtypeStruct((int(self.binding.get("output_bytes")),), jnp.uint8)]

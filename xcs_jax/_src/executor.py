@@ -183,7 +183,7 @@ class _Limit:
 
   def __init__(self):
     self.held = 0
-    self.waiting: collections.deque = collections.deque()
+    self.waiting: collections.deque = collections.deque()   # (grant, limit)
 
 
 class Limits:
@@ -194,36 +194,78 @@ class Limits:
   False to decline (its run was cancelled meanwhile); the slot then goes to
   the next in line. One lock for every key, so a key can be dropped the
   moment nothing holds or awaits it.
+
+  A key may also have a *cap* (`set_cap`), lower than the limits its
+  requesters ask for: an endpoint's adaptive concurrency after rate-limit
+  answers. Holders over a lowered cap keep their slots until they give them
+  back (`over_cap` tells a lane to give its slot back between items).
   """
 
   def __init__(self):
     self._lock = threading.Lock()
     self._by_key: dict[Any, _Limit] = {}
+    self._caps: dict[Any, int] = {}
+
+  def _room(self, key: Any, entry: _Limit, limit: int) -> bool:
+    cap = self._caps.get(key)
+    return entry.held < (limit if cap is None else min(limit, cap))
 
   def request(self, key: Any, limit: int, grant: Callable[[], bool]) -> None:
     with self._lock:
       entry = self._by_key.get(key)
       if entry is None:
         entry = self._by_key[key] = _Limit()
-      if entry.held >= limit:
-        entry.waiting.append(grant)
+      if not self._room(key, entry, limit):
+        entry.waiting.append((grant, limit))
         return
       entry.held += 1
     if not grant():
       self.release(key)
 
   def release(self, key: Any) -> None:
-    while True:
-      with self._lock:
-        entry = self._by_key[key]
-        if not entry.waiting:
-          entry.held -= 1
-          if entry.held == 0:
-            del self._by_key[key]
-          return
-        grant = entry.waiting.popleft()
-      if grant():
-        return
+    with self._lock:
+      entry = self._by_key[key]
+      entry.held -= 1
+      granted = self._take_waiters(key, entry)
+    self._grant_all(key, granted)
+
+  def _take_waiters(self, key: Any, entry: _Limit) -> list:
+    granted = []
+    while entry.waiting and self._room(key, entry, entry.waiting[0][1]):
+      granted.append(entry.waiting.popleft()[0])
+      entry.held += 1
+    if entry.held == 0 and not entry.waiting:
+      del self._by_key[key]
+    return granted
+
+  def _grant_all(self, key: Any, granted: list) -> None:
+    for grant in granted:
+      if not grant():
+        self.release(key)
+
+  def set_cap(self, key: Any, cap: int | None) -> None:
+    """Caps `key` at `cap` holders (None: no cap); a raised cap grants waiters."""
+    with self._lock:
+      if cap is None:
+        self._caps.pop(key, None)
+      else:
+        self._caps[key] = max(1, int(cap))
+      entry = self._by_key.get(key)
+      granted = self._take_waiters(key, entry) if entry is not None else []
+    self._grant_all(key, granted)
+
+  def cap(self, key: Any) -> int | None:
+    with self._lock:
+      return self._caps.get(key)
+
+  def over_cap(self, key: Any) -> bool:
+    """Whether more hold `key` than its cap allows (a lane should give one back)."""
+    cap = self._caps.get(key)
+    if cap is None:
+      return False
+    with self._lock:
+      entry = self._by_key.get(key)
+      return entry is not None and entry.held > cap
 
   def held(self, key: Any) -> int:
     with self._lock:

@@ -232,6 +232,9 @@ def _check_common(spec: str, p: Mapping[str, Any]) -> None:
     fail("deadline_s", "a positive number of seconds (the whole call) or None")
   if p["retries"] is not None and not (is_int(p["retries"]) and p["retries"] >= 0):
     fail("retries", "an int >= 0, or None (retry transient errors until `deadline_s`)")
+  for name in ("rpm", "tpm"):
+    if p[name] is not None and not (is_number(p[name]) and p[name] > 0):
+      fail(name, "a positive number (per minute, to this endpoint) or None")
   if p["cache"] not in ("auto", "memory", "disk", None):
     fail("cache", "'auto' (cache deterministic calls in memory), 'memory', 'disk' or None")
   if p["concurrency"] is not None and not (is_int(p["concurrency"]) and p["concurrency"] > 0):

@@ -24,6 +24,8 @@ from xcs_jax._src import executor
 from xcs_jax._src.errors import XCSError
 from xcs_jax._src.providers import base
 from xcs_jax._src.providers import cache as cache_lib
+from xcs_jax._src.providers import ratelimit
+from xcs_jax._src import budget as budget_lib
 from xcs_jax._src.usage import UsageMeter
 
 DEFAULT_CANCEL_GRACE_S = 0.02
@@ -75,6 +77,7 @@ class Runtime:
     usage: the `UsageMeter` of the calls this runtime served.
     limits: the concurrency limits in use.
     item_times: measured seconds per item of each op (sizes thread lanes).
+    budget: the `xcs_jax.Budget` every call of this runtime must fit in, or None.
     cache_enabled: whether calls may be answered from the response cache at
       all (False: every call goes to its provider, whatever its binding says).
   """
@@ -82,7 +85,8 @@ class Runtime:
   def __init__(self, *, name: str = "xcs", cancel_grace_s: float = DEFAULT_CANCEL_GRACE_S,
                clock: executor.Clock | None = None, cache: bool = True,
                cache_dir: str | None = None,
-               cache_entries: int = cache_lib.DEFAULT_MEMORY_ENTRIES):
+               cache_entries: int = cache_lib.DEFAULT_MEMORY_ENTRIES,
+               budget: budget_lib.Budget | None = None):
     if not isinstance(name, str) or not name:
       raise ValueError(f"`xcs_jax.runtime(name=...)` must be a non-empty str; got {name!r}.")
     if (isinstance(cancel_grace_s, bool) or not isinstance(cancel_grace_s, (int, float))
@@ -97,8 +101,13 @@ class Runtime:
     if isinstance(cache_entries, bool) or not isinstance(cache_entries, int) or cache_entries < 1:
       raise ValueError("`xcs_jax.runtime(cache_entries=...)` must be an int >= 1 (answers "
                        f"kept in memory); got {cache_entries!r}.")
+    if budget is not None and not isinstance(budget, budget_lib.Budget):
+      raise TypeError("`xcs_jax.runtime(budget=...)` must be an `xcs_jax.Budget` or None; "
+                      f"got {budget!r}.")
     self.name = name
     self.cancel_grace_s = float(cancel_grace_s)
+    self.budget = budget
+    self._limiters: dict = {}
     self.cache_enabled = cache
     self._cache_dir = None if cache_dir is None else os.path.abspath(os.fspath(cache_dir))
     self._cache_entries = cache_entries
@@ -141,6 +150,17 @@ class Runtime:
           self._response_cache = cache_lib.ResponseCache(self._cache_entries, self._cache_dir)
         cache = self._response_cache
     return cache
+
+  def limiter(self, endpoint: str) -> ratelimit.EndpointLimiter:
+    """The rate limiter of `endpoint` (a provider's `limit_scope`)."""
+    limiter = self._limiters.get(endpoint)
+    if limiter is None:
+      with self._lock:
+        limiter = self._limiters.get(endpoint)
+        if limiter is None:
+          limiter = self._limiters[endpoint] = ratelimit.EndpointLimiter(endpoint,
+                                                                        self.limits)
+    return limiter
 
   def event_loop(self) -> executor.EventLoopThread:
     """The runtime's asyncio loop for async providers (started on first use)."""
@@ -266,7 +286,8 @@ def current_runtime() -> Runtime:
 def runtime(*, name: str = "xcs", cancel_grace_s: float = DEFAULT_CANCEL_GRACE_S,
             clock: executor.Clock | None = None, cache: bool = True,
             cache_dir: str | None = None,
-            cache_entries: int = cache_lib.DEFAULT_MEMORY_ENTRIES) -> Runtime:
+            cache_entries: int = cache_lib.DEFAULT_MEMORY_ENTRIES,
+            budget: budget_lib.Budget | None = None) -> Runtime:
   """A new runtime; `with xcs_jax.runtime() as rt:` makes it current and closes it.
 
   Args:
@@ -278,6 +299,8 @@ def runtime(*, name: str = "xcs", cancel_grace_s: float = DEFAULT_CANCEL_GRACE_S
     cache_dir: the disk cache's directory (default: `XCS_JAX_CACHE_DIR`, else
       `~/.cache/xcs_jax/responses`).
     cache_entries: answers kept in memory (least recently used dropped).
+    budget: an `xcs_jax.Budget` capping the tokens (and cost) of every call
+      this runtime makes, for its life.
 
   Examples:
     >>> with xcs_jax.runtime() as rt:
@@ -285,7 +308,7 @@ def runtime(*, name: str = "xcs", cancel_grace_s: float = DEFAULT_CANCEL_GRACE_S
     ...   print(xcs_jax.usage())     # this runtime's calls only
   """
   return Runtime(name=name, cancel_grace_s=cancel_grace_s, clock=clock, cache=cache,
-                 cache_dir=cache_dir, cache_entries=cache_entries)
+                 cache_dir=cache_dir, cache_entries=cache_entries, budget=budget)
 
 
 class TraceRuntime:

@@ -26,6 +26,7 @@ import threading
 import time
 from typing import Any, Awaitable, Callable
 
+from xcs_jax._src import budget as budget_lib
 from xcs_jax._src.errors import XCSCancelledError, XCSTimeoutError
 from xcs_jax._src.executor import REAL_CLOCK, Clock
 
@@ -63,7 +64,7 @@ class CallContext:
   """
 
   __slots__ = ("scope", "deadline", "timeout_s", "clock", "hard_deadline", "abandoned",
-               "index", "what")
+               "index", "what", "headers")
 
   def __init__(self, scope: "Scope | None" = None, *, timeout_s: float | None = None,
                clock: Clock = REAL_CLOCK, hard: bool = False, index: int = 0,
@@ -73,6 +74,7 @@ class CallContext:
     self.clock = clock
     self.timeout_s = timeout_s
     self.what = what
+    self.headers = None      # a provider may leave its response's headers here
     self.deadline = None if timeout_s is None else clock.now() + float(timeout_s)
     # Calls that cannot stop themselves (a host function) are timed out by the
     # waiter at their deadline.
@@ -165,6 +167,7 @@ class Scope:
   def __init__(self, runtime):
     self.runtime = runtime
     self.clock: Clock = runtime.clock
+    self.budgets = budget_lib.scoped_budgets()   # `xcs_jax.budget` blocks open here
     self._lock = threading.Lock()
     self._cancelled = threading.Event()
     self.error: BaseException | None = None
@@ -475,6 +478,14 @@ class Job:
   def _take(self, lane: _Lane) -> int | None:
     """The next fed item for a lane, or None: the lane ends."""
     if self.scope.cancelled or self._finished:
+      return None
+    if self.limit_key is not None and self._queue and \
+        self.scope.runtime.limits.over_cap(self.limit_key):
+      # The endpoint's adaptive concurrency went down: give this slot back, and
+      # wait in line for a new one for the items left.
+      with self._lock:
+        lane.counted_out = True
+      self._request_lanes(1)
       return None
     try:
       return self._queue.popleft()

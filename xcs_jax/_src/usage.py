@@ -23,6 +23,7 @@ class Usage:
       in the background and their results are discarded.
     prompt_tokens, completion_tokens: as the provider reported them.
     seconds: time spent in calls (summed over concurrent calls).
+    waited_s: time calls waited on their endpoint's rate limits.
   """
   calls: int = 0
   cache_hits: int = 0
@@ -33,6 +34,7 @@ class Usage:
   prompt_tokens: int = 0
   completion_tokens: int = 0
   seconds: float = 0.0
+  waited_s: float = 0.0
 
 
 class UsageMeter:

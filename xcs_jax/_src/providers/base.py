@@ -33,10 +33,13 @@ COMMON_PARAMS: dict[str, Any] = {
     "system_prompt": None,
     "seed": 0,
     "cache": "auto",          # "memory", "disk" or None; "auto": memory when deterministic
+    "rpm": None,              # requests per minute to the endpoint (shared; the lowest holds)
+    "tpm": None,              # tokens per minute to the endpoint
 }
 
 NON_ANSWER_PARAMS = frozenset({"output_bytes", "overflow", "timeout_s", "deadline_s",
-                               "retries", "concurrency", "cache", "api_key_env"})
+                               "retries", "concurrency", "cache", "rpm", "tpm",
+                               "api_key_env"})
 """Common parameters that do not change a model's answer (how it is stored,
 waited for, retried, limited, authenticated); every other parameter keys the
 response cache. Providers name their own in `Provider.non_answer_params`."""

@@ -104,17 +104,18 @@ class Metered:
 class Request:
   """One provider request with what runs around each attempt.
 
-  `before(ctx)` runs before every attempt (waits on rate limits, checks the
-  budget; it may raise) and returns a token for `after(token, result, error)`,
-  which runs after it (settles rate limits and budget, notes 429s).
+  `before(ctx)` runs before every attempt (reserves budget and rate limits;
+  it may raise) and returns `(token, seconds to wait before sending)`;
+  `after(token, result, error, attempt_ctx)` runs after it (settles them,
+  notes 429s and the response's headers).
   """
   method: Callable
   binding: Any
   args: tuple
   policy: RetryPolicy
   usage: Any
-  before: Callable[[CallContext], Any] | None = None
-  after: Callable[[Any, Any, BaseException | None], None] | None = None
+  before: Callable[[CallContext], tuple[Any, float]] | None = None
+  after: Callable[[Any, Any, BaseException | None, CallContext], None] | None = None
   tokens: Callable[[Any], tuple[int, int]] = lambda result: (0, 0)
 
 
@@ -137,13 +138,17 @@ def run(request: Request, ctx: CallContext) -> Any:
     attempt = 0
     while True:
       ctx.check_deadline()
-      token = request.before(ctx) if request.before is not None else None
+      token = None
+      if request.before is not None:
+        token, wait = request.before(ctx)
+        if wait > 0:
+          ctx.sleep(wait)     # a rate limit: counts against the deadline
+      actx = ctx.attempt(request.policy.attempt_timeout_s)
       try:
-        result = request.method(request.binding, *request.args,
-                                ctx.attempt(request.policy.attempt_timeout_s))
+        result = request.method(request.binding, *request.args, actx)
       except Exception as e:
         if request.after is not None:
-          request.after(token, None, e)
+          request.after(token, None, e, actx)
         delay = request.policy.delay(e, attempt, ctx)
         if delay is None or delay == math.inf:
           final = _give_up(e, delay, attempt + 1, ctx)
@@ -152,7 +157,7 @@ def run(request: Request, ctx: CallContext) -> Any:
           raise final from e
       else:
         if request.after is not None:
-          request.after(token, result, None)
+          request.after(token, result, None, actx)
         break
       ctx.sleep(delay)        # counts against the deadline
       attempt += 1
@@ -168,13 +173,17 @@ async def arun(request: Request, ctx: CallContext) -> Any:
     attempt = 0
     while True:
       ctx.check_deadline()
-      token = await request.before(ctx) if request.before is not None else None
+      token = None
+      if request.before is not None:
+        token, wait = request.before(ctx)
+        if wait > 0:
+          await ctx.asleep(wait)
+      actx = ctx.attempt(request.policy.attempt_timeout_s)
       try:
-        result = await request.method(request.binding, *request.args,
-                                      ctx.attempt(request.policy.attempt_timeout_s))
+        result = await request.method(request.binding, *request.args, actx)
       except Exception as e:
         if request.after is not None:
-          request.after(token, None, e)
+          request.after(token, None, e, actx)
         delay = request.policy.delay(e, attempt, ctx)
         if delay is None or delay == math.inf:
           final = _give_up(e, delay, attempt + 1, ctx)
@@ -183,7 +192,7 @@ async def arun(request: Request, ctx: CallContext) -> Any:
           raise final from e
       else:
         if request.after is not None:
-          request.after(token, result, None)
+          request.after(token, result, None, actx)
         break
       await ctx.asleep(delay)
       attempt += 1
