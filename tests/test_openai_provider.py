@@ -7,18 +7,15 @@ GGUF under two names: ``smollm2`` (chat and completions, loaded with
 """
 from __future__ import annotations
 
-import json
 import socket
-import subprocess
-import sys
 import time
-import urllib.request
 
 import jax
 import numpy as np
 import pytest
 
 import xcs_jax
+import llama_server
 from auth_echo_server import auth_echo_server, error_texts
 from xcs_jax import text
 from xcs_jax.extend import CallContext
@@ -29,55 +26,16 @@ openai = pytest.importorskip("openai")
 
 SYSTEM = "Answer in one short sentence."
 SECRET = "sk-xcs-test-DISTINCTIVE-7f3a9c"
-READY_TIMEOUT_S = 90
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def server_url(tmp_path_factory):
   pytest.importorskip("llama_cpp.server.app")
   gguf = local.default_model_path()
-  port = _free_port()
-  common = {"model": gguf, "n_threads": 1, "verbose": False}
-  config = {"host": "127.0.0.1", "port": port, "models": [
-      {**common, "model_alias": "smollm2", "logits_all": True, "n_ctx": 2048},
-      {**common, "model_alias": "smollm2-embed", "embedding": True, "n_ctx": 512,
-       "kv_overrides": ["llama.pooling_type=int:1"]},     # 1: mean pooling
-  ]}
   folder = tmp_path_factory.mktemp("llama_server")
-  config_path = folder / "config.json"
-  config_path.write_text(json.dumps(config))
-  log = open(folder / "server.log", "w+")
-  proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--config_file",
-                           str(config_path)], stdout=log, stderr=subprocess.STDOUT)
-  base_url = f"http://127.0.0.1:{port}/v1"
-  try:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while True:
-      if proc.poll() is not None:
-        log.seek(0)
-        pytest.fail(f"llama_cpp.server exited with {proc.returncode}:\n{log.read()[-3000:]}")
-      try:
-        with urllib.request.urlopen(f"{base_url}/models", timeout=1):
-          break
-      except OSError:
-        if time.monotonic() > deadline:
-          pytest.fail(f"llama_cpp.server not ready after {READY_TIMEOUT_S} s")
-        time.sleep(0.2)
-    yield base_url
-  finally:
-    proc.terminate()
-    try:
-      proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-      proc.kill()
-      proc.wait(timeout=10)
-    log.close()
+  with llama_server.servers([[llama_server.chat_model(gguf), llama_server.embed_model(gguf)]],
+                            folder) as (server,):
+    yield server.base_url
 
 
 def _chat(base_url, **params):
@@ -188,7 +146,7 @@ def test_a_rejected_key_never_appears_in_errors(monkeypatch):
 
 
 def test_connection_refused_fails_fast_with_bounded_retries():
-  m = bind("openai:smollm2", base_url=f"http://127.0.0.1:{_free_port()}/v1",
+  m = bind("openai:smollm2", base_url=f"http://127.0.0.1:{llama_server.free_port()}/v1",
            api_key_env=None, retries=1, timeout_s=2.0)
   start = time.monotonic()
   with pytest.raises(xcs_jax.XCSExecutionError) as info:

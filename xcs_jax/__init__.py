@@ -5,6 +5,9 @@ from xcs_jax import models
 from xcs_jax import optim
 from xcs_jax import patterns
 from xcs_jax import text
+from xcs_jax._src.budget import Budget
+from xcs_jax._src.budget import BudgetExceededError
+from xcs_jax._src.budget import budget
 from xcs_jax._src.errors import ProviderAPIError
 from xcs_jax._src.errors import ProviderValueError
 from xcs_jax._src.errors import XCSCancelledError
@@ -38,6 +41,8 @@ def reset_usage() -> None:
 
 
 __all__ = [
+    "Budget",
+    "BudgetExceededError",
     "FakeProviderError",
     "JitFunction",
     "NoGradientError",
@@ -49,6 +54,7 @@ __all__ = [
     "XCSError",
     "XCSExecutionError",
     "XCSTimeoutError",
+    "budget",
     "current_runtime",
     "explain",
     "extend",

@@ -67,7 +67,7 @@ class AnthropicProvider(base.Provider):
     client, key = self._clients.get(binding)
     extra = {} if p["system_prompt"] is None else {"system": p["system_prompt"]}
     response = await sdk.request(
-        lambda timeout: client.messages.create(
+        lambda timeout: client.messages.with_raw_response.create(
             model=binding.model, max_tokens=int(p["max_tokens"]),
             messages=[{"role": "user", "content": prompt}], timeout=timeout, **extra),
         ctx=ctx,

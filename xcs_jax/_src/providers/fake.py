@@ -17,6 +17,9 @@ Parameters (beside the common ones):
   request (binding, prompt, seed) in this runtime fail with a transient
   error (exercises retries). The runtime's fake provider remembers the
   attempts of at most `MAX_TRACKED_REQUESTS` requests (oldest forgotten first).
+- ``transient_rate`` (0.0): each attempt fails with a transient error with
+  this probability, decided by a hash of the request and the attempt's number
+  (so a run repeats exactly, and every request succeeds in the end).
 - ``choices`` (("yes", "no")): the answers of ``fake:choice``.
 - ``option_bias`` (()): numbers added, by position, to the logits of the
   options `score_options` is given (a built-in preference for some labels,
@@ -59,9 +62,10 @@ class FakeProviderError(RuntimeError):
 class FakeProvider(base.Provider):
   name = "fake"
   default_concurrency = 1024    # async: calls in flight cost no thread
-  params = {"latency_s": 0.0, "fail_on": None, "transient_failures": 0,
+  params = {"latency_s": 0.0, "fail_on": None, "transient_failures": 0, "transient_rate": 0.0,
             "choices": ("yes", "no"), "option_bias": (), "embedding_dim": 64}
-  non_answer_params = frozenset({"latency_s", "fail_on", "transient_failures"})
+  non_answer_params = frozenset({"latency_s", "fail_on", "transient_failures",
+                                 "transient_rate"})
 
   def validate(self, model, params):
     if model not in MODELS:
@@ -75,6 +79,10 @@ class FakeProvider(base.Provider):
     bias = params["option_bias"]
     if not (isinstance(bias, tuple) and all(isinstance(x, (int, float)) for x in bias)):
       raise ValueError(f"`option_bias` must be a tuple of numbers; got {bias!r}.")
+    rate = params["transient_rate"]
+    if (isinstance(rate, bool) or not isinstance(rate, (int, float))
+        or not 0.0 <= rate < 1.0):
+      raise ValueError(f"`transient_rate` must be a number in [0, 1); got {rate!r}.")
     dim = params["embedding_dim"]
     if not isinstance(dim, int) or isinstance(dim, bool) or dim <= 0:
       raise ValueError(f"`embedding_dim` must be a positive int; got {dim!r}.")
@@ -96,7 +104,7 @@ class FakeProvider(base.Provider):
       await ctx.asleep(float(p["latency_s"]))
     else:
       ctx.check()
-    if p["transient_failures"]:
+    if p["transient_failures"] or p["transient_rate"]:
       key = (binding, prompt, request)
       with self._lock:
         n = self._attempts[key] = self._attempts.get(key, 0) + 1
@@ -105,6 +113,10 @@ class FakeProvider(base.Provider):
           self._attempts.popitem(last=False)
       if n <= p["transient_failures"]:
         raise base.TransientError(f"injected transient failure {n}")
+      if p["transient_rate"] and _unit_hash(
+          f"{binding.model}\x00{prompt}\x00{request}\x00{n}") < p["transient_rate"]:
+        raise base.TransientError(f"injected transient failure (attempt {n}, "
+                                  f"rate {p['transient_rate']})")
 
   async def generate(self, binding, prompt, seed, ctx):
     await self._simulate(binding, prompt, ctx, request=("generate", seed))

@@ -122,7 +122,7 @@ class OpenAIProvider(base.Provider):
       messages.insert(0, {"role": "system", "content": p["system_prompt"]})
     response = await self._request(
         binding, ctx,
-        lambda client, timeout: client.chat.completions.create(
+        lambda client, timeout: client.chat.completions.with_raw_response.create(
             model=binding.model, messages=messages, temperature=float(p["temperature"]),
             max_tokens=int(p["max_tokens"]), seed=int(seed), timeout=timeout),
         "chat completion")
@@ -141,7 +141,7 @@ class OpenAIProvider(base.Provider):
     for option in options:
       response = await self._request(
           binding, ctx,
-          lambda client, timeout, option=option: client.completions.create(
+          lambda client, timeout, option=option: client.completions.with_raw_response.create(
               model=binding.model, prompt=before + option + end, echo=True, logprobs=0,
               max_tokens=1, temperature=0.0, timeout=timeout),
           "completion (echo) for scoring")
@@ -153,7 +153,7 @@ class OpenAIProvider(base.Provider):
       raise ValueError("cannot embed an empty text.")
     response = await self._request(
         binding, ctx,
-        lambda client, timeout: client.embeddings.create(
+        lambda client, timeout: client.embeddings.with_raw_response.create(
             model=binding.model, input=text, timeout=timeout),
         "embedding")
     vector = np.asarray(response.data[0].embedding, dtype=np.float32)

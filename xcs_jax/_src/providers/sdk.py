@@ -199,7 +199,13 @@ async def request(send: Callable[[float | None], Awaitable[Any]], *, ctx: CallCo
   # Errors are raised after the `except` blocks so that a redacted error does
   # not keep the original (with the secret) as its implicit `__context__`.
   try:
-    return await send(timeout)
+    response = await send(timeout)
+    if hasattr(response, "parse") and hasattr(response, "headers"):
+      # A raw response (`with_raw_response`): its rate-limit headers go to the
+      # endpoint's limiter through the attempt's context.
+      ctx.headers = response.headers
+      return response.parse()
+    return response
   except timeout_errors as e:
     cause = redact(e, secret)
     timed_out = True
