@@ -20,6 +20,7 @@ from xcs_jax._src import text as text_lib
 from xcs_jax._src.primitives import HostCallOp, make_host_primitive
 from xcs_jax._src.providers import base
 from xcs_jax._src.providers import retry
+from xcs_jax._src.providers import cache as cache_lib
 from xcs_jax._src.providers.cache import MISS
 from xcs_jax._src.runtime import Runtime, current_runtime
 from xcs_jax._src.scope import POLL_S
@@ -38,12 +39,25 @@ def concurrency_of(binding, runtime: Runtime | None = None) -> int:
 
 
 class Prepared:
-  """One example's request, prepared before its job runs (see `start_batch`)."""
+  """One example and its cache key, looked up before its job runs (`start_batch`)."""
 
-  __slots__ = ("args", "key", "disk")
+  __slots__ = ("inputs", "key", "disk")
 
-  def __init__(self, args: tuple, key: tuple | None, disk: bool):
-    self.args, self.key, self.disk = args, key, disk
+  def __init__(self, inputs, key: tuple | None, disk: bool):
+    self.inputs, self.key, self.disk = inputs, key, disk
+
+
+def text_key(row: np.ndarray) -> bytes:
+  """A text row's bytes up to its end (the first NUL): what keys the cache."""
+  return np.asarray(row).tobytes().split(b"\0", 1)[0]
+
+
+def text_keys(rows: np.ndarray, n: int) -> list[bytes]:
+  """`text_key` of each of `n` rows `[n, L]`, from one copy of their bytes."""
+  rows = np.ascontiguousarray(rows)
+  width = rows.shape[-1]
+  raw = rows.tobytes()
+  return [raw[i * width:(i + 1) * width].split(b"\0", 1)[0] for i in range(n)]
 
 
 def _tokens(value: Any) -> tuple[int, int]:
@@ -87,6 +101,24 @@ class BindingOp(HostCallOp):
   def request_args(self, inputs: Sequence[np.ndarray]) -> tuple:
     raise NotImplementedError
 
+  def cache_args(self, inputs: Sequence[np.ndarray]) -> tuple:
+    """What tells one request of this op from another in the response cache
+    (cheap: raw bytes, not decoded text)."""
+    raise NotImplementedError
+
+  def batch_cache_args(self, inputs: Sequence[np.ndarray], in_batched: Sequence[bool],
+                       n: int) -> list[tuple]:
+    """`cache_args` of every example of a batch. This default reads the text
+    (the first input) row by row from one copy and adds `cache_args_rest`."""
+    texts = (text_keys(inputs[0], n) if in_batched[0]
+             else [text_key(inputs[0])] * n)
+    rest = self.cache_args_rest(inputs, in_batched, n)
+    return [(t,) + r for t, r in zip(texts, rest)]
+
+  def cache_args_rest(self, inputs, in_batched, n) -> list[tuple]:
+    """What keys a request besides its text, for each example."""
+    return [()] * n
+
   def outputs(self, value: Any) -> list[np.ndarray]:
     raise NotImplementedError
 
@@ -125,13 +157,19 @@ class BindingOp(HostCallOp):
   def is_async(self, runtime):
     return base.is_async_method(getattr(provider_of(self.binding, runtime), self.method))
 
-  def prepared(self, runtime, identity: tuple, inputs) -> Prepared:
-    """The request of one example and its cache key (None: not cached)."""
+  def cache_namespace(self, runtime) -> str:
+    """The part of every cache key of this op that names the model and the
+    call (a digest: keys stay short, and hash fast)."""
+    provider = provider_of(self.binding, runtime)
+    return cache_lib.digest(provider.cache_identity(self.binding) + (self.method,))
+
+  def prepared(self, runtime, namespace: str, inputs) -> Prepared:
+    """One example with its cache key (None: not cached)."""
     if isinstance(inputs, Prepared):
       return inputs
-    args = self.request_args(inputs)
     mode = self.cache_mode(runtime, inputs)
-    return Prepared(args, None if mode is None else identity + args, mode == "disk")
+    key = None if mode is None else (namespace,) + self.cache_args(inputs)
+    return Prepared(inputs, key, mode == "disk")
 
   def prepare(self, runtime):
     provider = provider_of(self.binding, runtime)
@@ -139,7 +177,7 @@ class BindingOp(HostCallOp):
     binding, usage = self.binding, runtime.usage
     policy = retry.RetryPolicy(binding.get("retries"), binding.get("timeout_s"),
                                provider.is_transient, provider.retry_after)
-    identity = provider.cache_identity(binding) + (self.method,)
+    namespace = self.cache_namespace(runtime)
     before, after = self._limits_and_budgets(runtime)
 
     def request(args):
@@ -152,9 +190,9 @@ class BindingOp(HostCallOp):
 
     if base.is_async_method(method):
       async def acall(ctx, inputs):
-        p = self.prepared(runtime, identity, inputs)
+        p = self.prepared(runtime, namespace, inputs)
         if p.key is None:
-          return self.outputs(await retry.arun(request(p.args), ctx))
+          return self.outputs(await retry.arun(request(self.request_args(p.inputs)), ctx))
         cache = runtime.response_cache
         while True:
           value = cache.lookup(p.key, p.disk)
@@ -167,7 +205,7 @@ class BindingOp(HostCallOp):
           if value is not None:
             return hit(value)
         try:
-          value = await retry.arun(request(p.args), ctx)
+          value = await retry.arun(request(self.request_args(p.inputs)), ctx)
           outputs = self.outputs(value)     # only checked values are kept
         except BaseException:
           cache.end(p.key)
@@ -178,9 +216,9 @@ class BindingOp(HostCallOp):
       return acall
 
     def call(ctx, inputs):
-      p = self.prepared(runtime, identity, inputs)
+      p = self.prepared(runtime, namespace, inputs)
       if p.key is None:
-        return self.outputs(retry.run(request(p.args), ctx))
+        return self.outputs(retry.run(request(self.request_args(p.inputs)), ctx))
       cache = runtime.response_cache
       while True:
         value = cache.lookup(p.key, p.disk)
@@ -195,7 +233,7 @@ class BindingOp(HostCallOp):
         if flight.result() is not None:
           return hit(flight.result())
       try:
-        value = retry.run(request(p.args), ctx)
+        value = retry.run(request(self.request_args(p.inputs)), ctx)
         outputs = self.outputs(value)       # only checked values are kept
       except BaseException:
         cache.end(p.key)
@@ -249,25 +287,24 @@ class BindingOp(HostCallOp):
     """Answers what the response cache holds at once, and starts a job for the
     rest: hits never reach the provider, misses go out as one batch."""
     runtime = scope.runtime
-    provider = provider_of(self.binding, runtime)
-    identity = provider.cache_identity(self.binding) + (self.method,)
-    examples = [[x[i] if b else x for x, b in zip(inputs, in_batched)] for i in range(n)]
-    prepared = [self.prepared(runtime, identity, e) for e in examples]
-    keyed = [i for i, p in enumerate(prepared) if p.key is not None]
-    job = self.make_job(scope, n, prepared.__getitem__, source, on_done=on_done)
-    if not keyed:
-      return job.start()
+    def example(i):
+      return [x[i] if b else x for x, b in zip(inputs, in_batched)]
+
+    mode = self.cache_mode(runtime, example(0)) if n else None
+    if mode is None:
+      return self.make_job(scope, n, example, source, on_done=on_done).start()
+    namespace = self.cache_namespace(runtime)
+    disk = mode == "disk"
+    keys = [(namespace,) + a for a in self.batch_cache_args(inputs, in_batched, n)]
+    job = self.make_job(scope, n, lambda i: Prepared(example(i), keys[i], disk), source,
+                        on_done=on_done)
     cache = runtime.response_cache
-    hits = {}
-    for disk in (False, True):
-      group = [i for i in keyed if prepared[i].disk == disk]
-      if group:
-        found = cache.lookup_many([prepared[i].key for i in group], disk)
-        hits.update((group[j], v) for j, v in found.items())
+    hits = cache.lookup_many(keys, disk)
     job.start(fed=False)
     if hits:
       runtime.usage.add(self.binding, cache_hits=len(hits))
-      job.resolve_many([(i, self.outputs(v)) for i, v in hits.items()])
+      job.resolve_many([(i, cache.outputs(keys[i], self, lambda v=v: self.outputs(v)))
+                        for i, v in hits.items()])
     job.feed([i for i in range(n) if i not in hits])
     return job
 
@@ -330,6 +367,18 @@ class GenerateOp(BindingOp):
   def request_args(self, inputs):
     prompt, key_data = inputs[0], (inputs[1] if len(inputs) > 1 else None)
     return (text_lib.decode_one(prompt), seed_from_key(key_data, self.binding.get("seed")))
+
+  def cache_args(self, inputs):
+    key_data = inputs[1] if len(inputs) > 1 else None
+    return (text_key(inputs[0]), seed_from_key(key_data, self.binding.get("seed")))
+
+  def cache_args_rest(self, inputs, in_batched, n):
+    seed = self.binding.get("seed")
+    if len(inputs) < 2:
+      return [(seed,)] * n
+    if not in_batched[1]:
+      return [(seed_from_key(inputs[1], seed),)] * n
+    return [(seed_from_key(inputs[1][i], seed),) for i in range(n)]
 
   def outputs(self, value):
     return [encode_answer(value.text, self.binding)]

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xcs_jax._src import text as text_lib
-from xcs_jax._src.binding_ops import BindingOp, provider_of
+from xcs_jax._src.binding_ops import BindingOp, provider_of, text_key
 from xcs_jax._src.errors import ProviderValueError
 from xcs_jax._src.primitives import bind_host_call, make_host_primitive
 from xcs_jax._src.providers import base
@@ -53,6 +53,12 @@ class ScoreOptionsOp(BindingOp):
   def request_args(self, inputs):
     return (text_lib.decode_one(inputs[0]), self.options)
 
+  def cache_args(self, inputs):
+    return (text_key(inputs[0]), self.options)
+
+  def cache_args_rest(self, inputs, in_batched, n):
+    return [(self.options,)] * n
+
   def outputs(self, value):
     return [check_log_probs(value, self.options, self.binding)]
 
@@ -71,6 +77,9 @@ class EmbedOp(BindingOp):
 
   def request_args(self, inputs):
     return (text_lib.decode_one(inputs[0]),)
+
+  def cache_args(self, inputs):
+    return (text_key(inputs[0]),)
 
   def outputs(self, value):
     return [check_embedding(value, embedding_dim(self.binding), self.normalize,

@@ -32,7 +32,7 @@ import sqlite3
 import threading
 import time
 import warnings
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -174,6 +174,7 @@ class ResponseCache:
     self.memory_entries = memory_entries
     self.directory = directory or default_cache_dir()
     self._memory: collections.OrderedDict = collections.OrderedDict()
+    self._outputs: collections.OrderedDict = collections.OrderedDict()
     self._lock = threading.Lock()
     self._flights: dict = {}
     self._disk: _Disk | None = None
@@ -221,6 +222,22 @@ class ResponseCache:
       while len(self._memory) > self.memory_entries:
         self._memory.popitem(last=False)
 
+  def outputs(self, key: tuple, op: Any, make: Callable[[], Any]) -> Any:
+    """What `op` makes of the value under `key` (its arrays), made once and
+    kept beside the value: a hit costs a lookup, not a re-encoding."""
+    memo = (key, op)
+    with self._lock:
+      got = self._outputs.get(memo)
+      if got is not None:
+        self._outputs.move_to_end(memo)
+        return got
+    got = make()
+    with self._lock:
+      self._outputs[memo] = got
+      while len(self._outputs) > self.memory_entries:
+        self._outputs.popitem(last=False)
+    return got
+
   def __len__(self) -> int:
     with self._lock:
       return len(self._memory)
@@ -229,6 +246,7 @@ class ResponseCache:
     """Forgets what is in memory (the disk file stays)."""
     with self._lock:
       self._memory.clear()
+      self._outputs.clear()
 
   # -- single flight -----------------------------------------------------------------
 
