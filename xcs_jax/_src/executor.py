@@ -4,6 +4,7 @@
   fixed size that hung work could exhaust: a task that finds no idle worker
   gets a new one, and idle workers end after a while.
 - `Limits`: concurrency limits by key (an endpoint, a host op), granted
+  by priority (the call heading the longest remaining path first), then
   first come, first served. A key exists only while something holds or waits
   for it, so ops made anew on every call leave nothing behind.
 - `EventLoopThread`: the runtime's one asyncio loop, for async providers.
@@ -14,8 +15,8 @@ What runs on them, and how a failure cancels it, is `scope.py`.
 from __future__ import annotations
 
 import asyncio
-import collections
 import concurrent.futures as cf
+import heapq
 import itertools
 import math
 import queue
@@ -23,6 +24,8 @@ import threading
 import time
 import weakref
 from typing import Any, Awaitable, Callable
+
+from xcs_jax._src import tracing
 
 
 class Clock:
@@ -183,34 +186,44 @@ class _Limit:
 
   def __init__(self):
     self.held = 0
-    self.waiting: collections.deque = collections.deque()
+    self.waiting: list = []   # heap of (-priority, arrival, grant)
 
 
 class Limits:
-  """Concurrency limits by key, granted first come, first served.
+  """Concurrency limits by key, granted by priority, then first come, first served.
 
-  `request(key, limit, grant)` calls `grant()` now if fewer than `limit`
-  holders have `key`, else when a holder releases it. `grant()` returns
-  False to decline (its run was cancelled meanwhile); the slot then goes to
-  the next in line. One lock for every key, so a key can be dropped the
-  moment nothing holds or awaits it.
+  `request(key, limit, grant, priority, label)` calls `grant()` now if fewer
+  than `limit` holders have `key`, else when a holder releases it: the waiting
+  request with the highest `priority` goes first (the scheduler gives the
+  call heading the longest remaining path the highest), equal priorities in
+  arrival order. `grant()` returns False to decline (its run was cancelled
+  meanwhile); the slot then goes to the next in line. One lock for every
+  key, so a key can be dropped the moment nothing holds or awaits it. While
+  a trace records, a request that has to wait shows as a slice named by
+  `label()` (what waits).
   """
 
   def __init__(self):
     self._lock = threading.Lock()
     self._by_key: dict[Any, _Limit] = {}
+    self._arrivals = itertools.count()
 
-  def request(self, key: Any, limit: int, grant: Callable[[], bool]) -> None:
+  def request(self, key: Any, limit: int, grant: Callable[[], bool],
+              priority: float = 0.0, label: Callable[[], str] | None = None) -> bool:
+    """Asks for a slot of `key`; True if the request has to wait for one."""
     with self._lock:
       entry = self._by_key.get(key)
       if entry is None:
         entry = self._by_key[key] = _Limit()
       if entry.held >= limit:
-        entry.waiting.append(grant)
-        return
+        if tracing.recorder is not None:
+          grant = _traced_wait(key, limit, grant, label)
+        heapq.heappush(entry.waiting, (-priority, next(self._arrivals), grant))
+        return True
       entry.held += 1
     if not grant():
       self.release(key)
+    return False
 
   def release(self, key: Any) -> None:
     while True:
@@ -221,9 +234,18 @@ class Limits:
           if entry.held == 0:
             del self._by_key[key]
           return
-        grant = entry.waiting.popleft()
+        grant = heapq.heappop(entry.waiting)[2]
       if grant():
         return
+
+  def waiting(self, key: Any) -> list:
+    """The requests waiting for `key`: a heap of `(-priority, arrival, grant)`,
+    live while anyone holds `key` (so a holder may read it after each call,
+    without the lock: a stale read only moves a hand-over by one call); an
+    empty list if nobody holds it."""
+    with self._lock:
+      entry = self._by_key.get(key)
+      return entry.waiting if entry is not None else []
 
   def held(self, key: Any) -> int:
     with self._lock:
@@ -233,6 +255,20 @@ class Limits:
   def __len__(self) -> int:
     with self._lock:
       return len(self._by_key)
+
+
+def _traced_wait(key: Any, limit: int, grant: Callable[[], bool],
+                 label: Callable[[], str] | None) -> Callable[[], bool]:
+  """`grant`, with the wait for a slot shown in the trace being recorded."""
+  rec = tracing.recorder
+  what = f"{label()} " if label is not None else ""
+  name = f"wait for a slot: {what}({tracing.describe_limit(key, limit)})"
+  ident = rec.begin_async(name, "limit", time.perf_counter())
+
+  def traced() -> bool:
+    rec.end_async(name, "limit", time.perf_counter(), ident)
+    return grant()
+  return traced
 
 
 class EventLoopThread:

@@ -189,6 +189,9 @@ class Metered:
     if isinstance(result, Completion):
       self.usage.add_call(self.binding, seconds, result.prompt_tokens,
                           result.completion_tokens)
+      if self.ctx.facts is not None:  # a trace records this call
+        self.ctx.facts.update(prompt_tokens=result.prompt_tokens,
+                              completion_tokens=result.completion_tokens)
     else:
       self.usage.add_call(self.binding, seconds)
 
@@ -208,6 +211,7 @@ def call_provider(usage, binding, backoff: Backoff, method: Callable, args: tupl
         delay = backoff.delay(e, attempt)
         if delay is None:
           raise
+        ctx.retrying(e, delay)  # per-call-site stats, the trace
       ctx.sleep(delay)        # counts against the deadline
       attempt += 1
       meter.retried()
@@ -229,6 +233,7 @@ async def acall_provider(usage, binding, backoff: Backoff, method: Callable, arg
         delay = backoff.delay(e, attempt)
         if delay is None:
           raise
+        ctx.retrying(e, delay)  # per-call-site stats, the trace
       await ctx.asleep(delay)
       attempt += 1
       meter.retried()
