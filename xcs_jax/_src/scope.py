@@ -581,10 +581,11 @@ class Job:
     quick = self.typical_item_s is not None and self.typical_item_s < QUICK_ITEM_S
     trace, starts, ends = self.trace, self.starts, self.ends
     waiting = self._waiting_for_limit()
+    track = trace.thread_track() if trace is not None else None
     try:
       while (i := self._take(lane)) is not None:
         ctx = lane.ctx = self._context(i)
-        span = trace.begin(i) if trace is not None else None
+        span = trace.begin(i, track) if trace is not None else None
         start = time.perf_counter()
         try:
           result, error = self.run_item(i, ctx), None

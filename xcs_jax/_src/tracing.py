@@ -250,7 +250,12 @@ class ItemTrace:
     self.recorder = recorder   # the trace it started under (None: jax's only)
 
   def lane_track(self) -> int | None:
+    """A track for an async lane (None: only jax's profiler listens)."""
     return self.recorder.lane_track() if self.recorder is not None else None
+
+  def thread_track(self) -> int | None:
+    """The calling thread's track, for a thread lane."""
+    return self.recorder.thread_track() if self.recorder is not None else None
 
   def free_lane_track(self, track: int) -> None:
     self.recorder.free_lane_track(track)

@@ -16,8 +16,6 @@ chain of calls goes first).
 """
 from __future__ import annotations
 
-import statistics
-
 from xcs_jax._src.jit.classify import Kind
 
 CRITICAL_PATH_FIRST = True
@@ -53,7 +51,7 @@ def remaining_paths(plan, call_times, base: float = 0.0) -> dict[int, float]:
     times = [call_times.get(op, line) for op, line in _host_sites(step)]
     measured[i] = times
     known.extend(t for t in times if t is not None)
-  default = statistics.median(known) if known else UNMEASURED_S
+  default = sorted(known)[len(known) // 2] if known else UNMEASURED_S   # a median
   remaining: dict[int, float] = {}
   for i in reversed(list(steps)):      # `plan.steps` is in topological order
     step = steps[i]

@@ -17,6 +17,7 @@ on the call path.
 from __future__ import annotations
 
 import collections
+import functools
 import threading
 
 import numpy as np
@@ -39,13 +40,15 @@ class Durations:
     self.total_s = self.max_s = 0.0
     self.recent: collections.deque = collections.deque(maxlen=RECENT)
 
-  def add(self, durations: list, errors: int = 0, retries: int = 0) -> None:
+  def add(self, durations: list, errors: int = 0, retries: int = 0,
+          longest: float | None = None) -> None:
+    """Folds in calls that took `durations` (their `longest`, if known)."""
     self.count += len(durations)
     self.errors += errors
     self.retries += retries
     if durations:
       self.total_s += sum(durations)
-      self.max_s = max(self.max_s, max(durations))
+      self.max_s = max(self.max_s, max(durations) if longest is None else longest)
       self.recent.extend(durations)
 
   def as_dict(self) -> dict:
@@ -56,13 +59,28 @@ class Durations:
 
 
 class LastRun:
-  """The last successful run: its plan, timeline and job summaries."""
+  """The last successful run: its plan, timeline and job summaries; its
+  critical path and breakdown are worked out when first read."""
 
   def __init__(self, plan, tl: timeline_lib.RunTimeline, jobs: list):
     self.plan, self.timeline, self.jobs = plan, tl, jobs
     self.wall_s = tl.end - tl.start
-    self.critical_path_s, self.critical_path = timeline_lib.critical_path(plan, tl)
-    self.breakdown = timeline_lib.breakdown(plan, tl)
+
+  @functools.cached_property
+  def _critical(self) -> tuple[float, list[int]]:
+    return timeline_lib.critical_path(self.plan, self.timeline)
+
+  @property
+  def critical_path_s(self) -> float:
+    return self._critical[0]
+
+  @property
+  def critical_path(self) -> list[int]:
+    return self._critical[1]
+
+  @functools.cached_property
+  def breakdown(self) -> dict:
+    return timeline_lib.breakdown(self.plan, self.timeline)
 
 
 class Profile:
@@ -98,11 +116,13 @@ class Profile:
     kind, binding = s.op.kind, self._described.get(s.op)
     if binding is None:
       binding = self._described[s.op] = s.op.describe()
-    if s.lines is None:
-      self._site(kind, binding, s.source).add(s.durations, s.errors, s.retries)
+    lines = s.lines
+    if lines is None or len(set(lines)) == 1:   # one call site (a loop, a vmap)
+      line = s.source if lines is None else lines[0]
+      self._site(kind, binding, line).add(s.durations, s.errors, s.retries, s.longest_s)
       return
     by_line: dict = collections.defaultdict(list)
-    for line, d in zip(s.lines, s.durations):
+    for line, d in zip(lines, s.durations):
       by_line[line].append(d)
     for k, (line, ds) in enumerate(by_line.items()):
       # errors and retries are counted per job: given to its first line

@@ -38,11 +38,11 @@ class JobSummary:
     self.op, self.source, self.n, self.limit = job.op, job.source, job.n, job.limit
     self.errors, self.retries, self.limited = job.failures, job.retries, job.limited
     starts, ends = job.starts, job.ends
-    if None in ends:         # a failed or cancelled job: the items that ran
+    if job.finished_items == job.n:
+      items = None           # all of them ran, in order
+    else:                    # a failed or cancelled job: the items that ran
       items = [i for i, e in enumerate(ends) if e is not None and starts[i] is not None]
       starts, ends = [starts[i] for i in items], [ends[i] for i in items]
-    else:
-      items = None           # all of them, in order
     self.items, self.starts, self.ends = items, starts, ends
     self.ran = len(ends)
     self.durations = list(map(operator.sub, ends, starts))
