@@ -13,7 +13,11 @@ share the cores), so the measured speedup here is modest; it grows with
 calls that wait on latency (remote APIs, a server elsewhere: try
 `--model fake:choice --latency 0.2`).
 
-Run: .venv/bin/python examples/ensemble_judge.py [--model local:smollm2]
+`--trace run.json` records one more steady-state call of the jitted program
+in a Perfetto / Chrome trace (open it at ui.perfetto.dev) and prints the
+plan with its measured times (docs/profiling.md walks through one).
+
+Run: .venv/bin/python examples/ensemble_judge.py [--model local:smollm2] [--trace run.json]
 """
 from __future__ import annotations
 
@@ -60,6 +64,8 @@ def main():
   parser.add_argument("--latency", type=float, default=0.2,
                       help="latency_s of a fake model (ignored for real ones)")
   parser.add_argument("--samples", type=int, default=3)
+  parser.add_argument("--trace", default=None, metavar="PATH",
+                      help="write a trace of one more call of the jitted program to PATH")
   args = parser.parse_args()
 
   program = build(args.model, args.latency, args.samples)
@@ -90,6 +96,11 @@ def main():
         f"jax.jit {first_jax:.2f} s")
   print(f"steady state: xcs_jax.jit {t_xcs:.2f} s, plain jax.jit {t_jax:.2f} s -> "
         f"measured speedup {t_jax / t_xcs:.2f}x (same answers: {same})")
+  if args.trace:
+    with xcs_jax.profiler.trace(args.trace):
+      timed(fast, questions, key)
+    print(f"\ntrace of one more call written to {args.trace} (open it at ui.perfetto.dev)")
+    print(fast.profile_report())
 
 
 if __name__ == "__main__":

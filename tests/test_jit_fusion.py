@@ -99,8 +99,8 @@ def test_a_failing_member_names_its_own_line():
 
 @pytest.mark.parametrize("limit", [1, 3])
 def test_max_concurrency_keeps_call_sites_apart(limit):
-  rec = Recorder()
-  op = rec.op("limited", 0.01)
+  rec = Recorder(parties=limit)   # `limit` calls must overlap (N is a multiple of it)
+  op = rec.op("limited")
   jf = xcs_jax.jit(_siblings(op), max_concurrency=limit)
   xs = jnp.arange(float(N))
   np.testing.assert_array_equal(jf(xs), np.arange(float(N)) + 1)

@@ -4,6 +4,7 @@ from xcs_jax import grad
 from xcs_jax import models
 from xcs_jax import optim
 from xcs_jax import patterns
+from xcs_jax import profiler
 from xcs_jax import text
 from xcs_jax._src.budget import Budget
 from xcs_jax._src.budget import BudgetExceededError
@@ -65,6 +66,7 @@ __all__ = [
     "models",
     "optim",
     "patterns",
+    "profiler",
     "reset_usage",
     "runtime",
     "text",

@@ -17,6 +17,7 @@ import numpy as np
 
 from xcs_jax._src import budget as budget_lib
 from xcs_jax._src import text as text_lib
+from xcs_jax._src import tracing
 from xcs_jax._src.primitives import HostCallOp, make_host_primitive
 from xcs_jax._src.providers import base
 from xcs_jax._src.providers import retry
@@ -184,8 +185,10 @@ class BindingOp(HostCallOp):
       return retry.Request(method, binding, args, policy, usage, before=before(args),
                            after=after, tokens=_tokens)
 
-    def hit(value):
+    def hit(value, ctx):
       usage.add(binding, cache_hits=1)
+      if ctx.facts is not None:
+        ctx.facts["cache_hit"] = True
       return self.outputs(value)
 
     if base.is_async_method(method):
@@ -197,13 +200,13 @@ class BindingOp(HostCallOp):
         while True:
           value = cache.lookup(p.key, p.disk)
           if value is not MISS:
-            return hit(value)
+            return hit(value, ctx)
           flight = cache.begin(p.key)
           if flight is None:
             break
           value = await _on_loop(flight, asyncio.get_running_loop())
           if value is not None:
-            return hit(value)
+            return hit(value, ctx)
         try:
           value = await retry.arun(request(self.request_args(p.inputs)), ctx)
           outputs = self.outputs(value)     # only checked values are kept
@@ -223,7 +226,7 @@ class BindingOp(HostCallOp):
       while True:
         value = cache.lookup(p.key, p.disk)
         if value is not MISS:
-          return hit(value)
+          return hit(value, ctx)
         flight = cache.begin(p.key)
         if flight is None:
           break
@@ -231,7 +234,7 @@ class BindingOp(HostCallOp):
           ctx.check_deadline()
           cf.wait([flight], timeout=ctx_poll_s(ctx))
         if flight.result() is not None:
-          return hit(flight.result())
+          return hit(flight.result(), ctx)
       try:
         value = retry.run(request(self.request_args(p.inputs)), ctx)
         outputs = self.outputs(value)       # only checked values are kept
@@ -283,7 +286,7 @@ class BindingOp(HostCallOp):
       limiter.observe(error, actx.headers)
     return before, after
 
-  def start_batch(self, scope, inputs, in_batched, n, source, on_done=None):
+  def start_batch(self, scope, inputs, in_batched, n, source, on_done=None, priority=0.0):
     """Answers what the response cache holds at once, and starts a job for the
     rest: hits never reach the provider, misses go out as one batch."""
     runtime = scope.runtime
@@ -291,13 +294,15 @@ class BindingOp(HostCallOp):
       return [x[i] if b else x for x, b in zip(inputs, in_batched)]
 
     mode = self.cache_mode(runtime, example(0)) if n else None
-    if mode is None:
-      return self.make_job(scope, n, example, source, on_done=on_done).start()
+    if mode is None or tracing.listening():
+      # (While a trace records, hits run as items too: each shows as a call.)
+      return self.make_job(scope, n, example, source, on_done=on_done,
+                           priority=priority).start()
     namespace = self.cache_namespace(runtime)
     disk = mode == "disk"
     keys = [(namespace,) + a for a in self.batch_cache_args(inputs, in_batched, n)]
     job = self.make_job(scope, n, lambda i: Prepared(example(i), keys[i], disk), source,
-                        on_done=on_done)
+                        on_done=on_done, priority=priority)
     cache = runtime.response_cache
     hits = cache.lookup_many(keys, disk)
     job.start(fed=False)

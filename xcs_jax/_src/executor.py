@@ -4,6 +4,7 @@
   fixed size that hung work could exhaust: a task that finds no idle worker
   gets a new one, and idle workers end after a while.
 - `Limits`: concurrency limits by key (an endpoint, a host op), granted
+  by priority (the call heading the longest remaining path first), then
   first come, first served. A key exists only while something holds or waits
   for it, so ops made anew on every call leave nothing behind.
 - `EventLoopThread`: the runtime's one asyncio loop, for async providers.
@@ -14,8 +15,8 @@ What runs on them, and how a failure cancels it, is `scope.py`.
 from __future__ import annotations
 
 import asyncio
-import collections
 import concurrent.futures as cf
+import heapq
 import itertools
 import math
 import queue
@@ -23,6 +24,8 @@ import threading
 import time
 import weakref
 from typing import Any, Awaitable, Callable
+
+from xcs_jax._src import tracing
 
 
 class Clock:
@@ -183,17 +186,21 @@ class _Limit:
 
   def __init__(self):
     self.held = 0
-    self.waiting: collections.deque = collections.deque()   # (grant, limit)
+    self.waiting: list = []   # heap of (-priority, arrival, grant, limit)
 
 
 class Limits:
-  """Concurrency limits by key, granted first come, first served.
+  """Concurrency limits by key, granted by priority, then first come, first served.
 
-  `request(key, limit, grant)` calls `grant()` now if fewer than `limit`
-  holders have `key`, else when a holder releases it. `grant()` returns
-  False to decline (its run was cancelled meanwhile); the slot then goes to
-  the next in line. One lock for every key, so a key can be dropped the
-  moment nothing holds or awaits it.
+  `request(key, limit, grant, priority, label)` calls `grant()` now if fewer
+  than `limit` holders have `key`, else when a holder releases it: the waiting
+  request with the highest `priority` goes first (the scheduler gives the
+  call heading the longest remaining path the highest), equal priorities in
+  arrival order. `grant()` returns False to decline (its run was cancelled
+  meanwhile); the slot then goes to the next in line. One lock for every
+  key, so a key can be dropped the moment nothing holds or awaits it. While
+  a trace records, a request that has to wait shows as a slice named by
+  `label()` (what waits).
 
   A key may also have a *cap* (`set_cap`), lower than the limits its
   requesters ask for: an endpoint's adaptive concurrency after rate-limit
@@ -205,22 +212,28 @@ class Limits:
     self._lock = threading.Lock()
     self._by_key: dict[Any, _Limit] = {}
     self._caps: dict[Any, int] = {}
+    self._arrivals = itertools.count()
 
   def _room(self, key: Any, entry: _Limit, limit: int) -> bool:
     cap = self._caps.get(key)
     return entry.held < (limit if cap is None else min(limit, cap))
 
-  def request(self, key: Any, limit: int, grant: Callable[[], bool]) -> None:
+  def request(self, key: Any, limit: int, grant: Callable[[], bool],
+              priority: float = 0.0, label: Callable[[], str] | None = None) -> bool:
+    """Asks for a slot of `key`; True if the request has to wait for one."""
     with self._lock:
       entry = self._by_key.get(key)
       if entry is None:
         entry = self._by_key[key] = _Limit()
       if not self._room(key, entry, limit):
-        entry.waiting.append((grant, limit))
-        return
+        if tracing.recorder is not None:
+          grant = _traced_wait(key, limit, grant, label)
+        heapq.heappush(entry.waiting, (-priority, next(self._arrivals), grant, limit))
+        return True
       entry.held += 1
     if not grant():
       self.release(key)
+    return False
 
   def release(self, key: Any) -> None:
     with self._lock:
@@ -231,8 +244,8 @@ class Limits:
 
   def _take_waiters(self, key: Any, entry: _Limit) -> list:
     granted = []
-    while entry.waiting and self._room(key, entry, entry.waiting[0][1]):
-      granted.append(entry.waiting.popleft()[0])
+    while entry.waiting and self._room(key, entry, entry.waiting[0][3]):
+      granted.append(heapq.heappop(entry.waiting)[2])
       entry.held += 1
     if entry.held == 0 and not entry.waiting:
       del self._by_key[key]
@@ -267,6 +280,15 @@ class Limits:
       entry = self._by_key.get(key)
       return entry is not None and entry.held > cap
 
+  def waiting(self, key: Any) -> list:
+    """The requests waiting for `key`: a heap of `(-priority, arrival, grant,
+    limit)`, live while anyone holds `key` (so a holder may read it after each
+    call, without the lock: a stale read only moves a hand-over by one call);
+    an empty list if nobody holds it."""
+    with self._lock:
+      entry = self._by_key.get(key)
+      return entry.waiting if entry is not None else []
+
   def held(self, key: Any) -> int:
     with self._lock:
       entry = self._by_key.get(key)
@@ -275,6 +297,20 @@ class Limits:
   def __len__(self) -> int:
     with self._lock:
       return len(self._by_key)
+
+
+def _traced_wait(key: Any, limit: int, grant: Callable[[], bool],
+                 label: Callable[[], str] | None) -> Callable[[], bool]:
+  """`grant`, with the wait for a slot shown in the trace being recorded."""
+  rec = tracing.recorder
+  what = f"{label()} " if label is not None else ""
+  name = f"wait for a slot: {what}({tracing.describe_limit(key, limit)})"
+  ident = rec.begin_async(name, "limit", time.perf_counter())
+
+  def traced() -> bool:
+    rec.end_async(name, "limit", time.perf_counter(), ident)
+    return grant()
+  return traced
 
 
 class EventLoopThread:

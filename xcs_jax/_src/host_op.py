@@ -121,9 +121,9 @@ class HostFnOp(HostCallOp):
     args = jax.tree_util.tree_unflatten(self.in_treedef, list(inputs))
     return self._check_outputs(self.fn(*args), specs, treedef, None)
 
-  def start_batch(self, scope, inputs, in_batched, n, source, on_done=None):
+  def start_batch(self, scope, inputs, in_batched, n, source, on_done=None, priority=0.0):
     if not self.vectorized:
-      return super().start_batch(scope, inputs, in_batched, n, source, on_done)
+      return super().start_batch(scope, inputs, in_batched, n, source, on_done, priority)
     full = [x if b else np.broadcast_to(x, (n,) + x.shape)
             for x, b in zip(inputs, in_batched)]
     specs, treedef = self.out_tree([x[0] for x in full])
@@ -140,7 +140,8 @@ class HostFnOp(HostCallOp):
     key, limit = self.limit(scope.runtime)
     return Job(scope, 1, whole_batch, limit_key=key, limit=limit,
                timeout_s=self.timeout_s, hard_timeout=True, release_on_abandon=True,
-               wrap_error=wrap_error, on_done=on_done, hooks=self).start()
+               wrap_error=wrap_error, on_done=on_done, op=self, source=source,
+               priority=priority).start()
 
   def collect(self, job):
     if not self.vectorized:

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xcs_jax._src import compat
+from xcs_jax._src import progress
 from xcs_jax._src.errors import XCSExecutionError, XCSError
 from xcs_jax._src.runtime import Runtime, TraceRuntime, current_runtime
 from xcs_jax._src.scope import CallContext, Job, Scope, wait_for_job
@@ -100,22 +101,26 @@ class HostCallOp:
 
   def start_batch(self, scope: Scope, inputs: Sequence[np.ndarray],
                   in_batched: Sequence[bool], n: int, source: Any,
-                  on_done: Callable[[Job], None] | None = None) -> Job:
+                  on_done: Callable[[Job], None] | None = None,
+                  priority: float = 0.0) -> Job:
     """Starts `n` examples in `scope`; batched inputs have a leading axis `n`.
 
     `source` is the user's line, or a tuple of lines (one per example) for
-    call sites that `xcs_jax.jit` batched together.
+    call sites that `xcs_jax.jit` batched together; `priority` orders its
+    calls among others waiting for the same limit (see `scope.Job`).
     """
     def example(i):
       return [x[i] if b else x for x, b in zip(inputs, in_batched)]
-    return self.make_job(scope, n, example, source, on_done=on_done).start()
+    return self.make_job(scope, n, example, source, on_done=on_done,
+                         priority=priority).start()
 
   streamable = True
   """Its examples can run one by one as their inputs arrive (`make_job`)."""
 
   def make_job(self, scope: Scope, n: int, example: Callable[[int], list], source: Any, *,
                on_done: Callable[[Job], None] | None = None,
-               on_item: Callable[[int, Any], None] | None = None) -> Job:
+               on_item: Callable[[int, Any], None] | None = None,
+               priority: float = 0.0) -> Job:
     """A job of `n` examples, not started; `example(i)` gives example i's inputs
     when it runs (a stream feeds examples as their inputs become ready)."""
     runtime = scope.runtime
@@ -139,10 +144,7 @@ class HostCallOp:
     return Job(scope, n, item, limit_key=key, limit=limit, timeout_s=self.call_timeout_s(),
                hard_timeout=self.hard_timeout, release_on_abandon=self.release_on_abandon,
                is_async=is_async, wrap_error=wrap_error, on_done=on_done, on_item=on_item,
-               hooks=self, typical_item_s=runtime.item_times.get(self),
-               deadline_name=self.deadline_name,
-               on_finished=lambda seconds, items: runtime.item_times.record(
-                   self, seconds / items))
+               op=self, source=source, priority=priority, deadline_name=self.deadline_name)
 
   def collect(self, job: Job) -> list[np.ndarray]:
     """The outputs of a finished batch, each with a leading axis `n`."""
@@ -196,9 +198,10 @@ class HostCall:
       self.flat = [a.reshape((self.n,) + a.shape[batch_ndim:]) if b else a
                    for a, b in zip(self.arrays, in_batched)]
 
-  def start(self, scope: Scope, on_done: Callable[[Job], None] | None = None) -> Job:
+  def start(self, scope: Scope, on_done: Callable[[Job], None] | None = None,
+            priority: float = 0.0) -> Job:
     return self.op.start_batch(scope, self.flat, self.in_batched, self.n, self.source,
-                               on_done)
+                               on_done, priority)
 
   def outputs(self, job: Job) -> list[np.ndarray]:
     if self.n == 0:  # an empty batch: nothing was called
@@ -217,7 +220,8 @@ def run_host_call(op: HostCallOp, batch_ndim: int, in_batched: tuple, source: An
   call = HostCall(op, batch_ndim, in_batched, source, args)
   scope = Scope(runtime or current_runtime())
   job = call.start(scope)
-  wait_for_job(job)
+  with progress.shown(scope, lambda: f"{op.kind} {op.describe()}", call.n):
+    wait_for_job(job)
   return call.outputs(job)
 
 

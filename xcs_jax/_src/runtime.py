@@ -40,27 +40,34 @@ class RuntimeClosedError(XCSError, RuntimeError):
   """A call reached a runtime that was already closed."""
 
 
-class ItemTimes:
-  """Measured seconds per item of each op's batched calls (an exponential
-  moving average, for at most `size` ops, least recently used dropped), so
-  a job can size its thread lanes before it runs (see `scope.Job`)."""
+class CallTimes:
+  """Measured seconds per call of each call site: an exponential moving
+  average keyed by the op and the user's source line, for at most `size`
+  sites (least recently used dropped).
+
+  Ops compare by value and lines are text, so the measurements survive a
+  retrace. They size a job's thread lanes before it runs (`scope.Job`) and
+  order the calls waiting for a slot of a concurrency limit (the scheduler
+  starts the one heading the longest remaining path first).
+  """
 
   def __init__(self, size: int = 4096, weight: float = 0.5):
     self._size, self._weight = size, weight
     self._lock = threading.Lock()
-    self._by_key: collections.OrderedDict = collections.OrderedDict()
+    self._by_site: collections.OrderedDict = collections.OrderedDict()
 
-  def get(self, key) -> float | None:
-    with self._lock:
-      return self._by_key.get(key)
+  def get(self, op, line: str) -> float | None:
+    """The site's average seconds per call, or None if never measured."""
+    return self._by_site.get((op, line))   # a dict read needs no lock
 
-  def record(self, key, seconds: float) -> None:
+  def record(self, op, line: str, seconds: float) -> None:
+    key = (op, line)
     with self._lock:
-      old = self._by_key.pop(key, None)
-      self._by_key[key] = seconds if old is None else (
+      old = self._by_site.pop(key, None)
+      self._by_site[key] = seconds if old is None else (
           self._weight * seconds + (1 - self._weight) * old)
-      if len(self._by_key) > self._size:
-        self._by_key.popitem(last=False)
+      if len(self._by_site) > self._size:
+        self._by_site.popitem(last=False)
 
 
 class Runtime:
@@ -76,7 +83,8 @@ class Runtime:
     clock: the runtime's `Clock` (tests inject one that does not sleep).
     usage: the `UsageMeter` of the calls this runtime served.
     limits: the concurrency limits in use.
-    item_times: measured seconds per item of each op (sizes thread lanes).
+    call_times: measured seconds per call of each call site (sizes thread
+      lanes, orders calls waiting for a slot).
     budget: the `xcs_jax.Budget` every call of this runtime must fit in, or None.
     cache_enabled: whether calls may be answered from the response cache at
       all (False: every call goes to its provider, whatever its binding says).
@@ -115,7 +123,7 @@ class Runtime:
     self.clock = clock or executor.REAL_CLOCK
     self.usage = UsageMeter()
     self.limits = executor.Limits()
-    self.item_times = ItemTimes()
+    self.call_times = CallTimes()
     self._lock = threading.Lock()
     self._pool: executor.WorkerPool | None = None
     self._loop: executor.EventLoopThread | None = None

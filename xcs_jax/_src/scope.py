@@ -27,6 +27,7 @@ import time
 from typing import Any, Awaitable, Callable
 
 from xcs_jax._src import budget as budget_lib
+from xcs_jax._src import tracing
 from xcs_jax._src.errors import XCSCancelledError, XCSTimeoutError
 from xcs_jax._src.executor import REAL_CLOCK, Clock
 
@@ -61,10 +62,16 @@ class CallContext:
     timeout_s: the timeout the deadline came from (for messages).
     what: the parameter that timeout is (for messages): "timeout_s" or
       "deadline_s".
+    retries: retries so far (`retrying` counts them).
+    facts: None, or, while a trace records the call, a dict a provider may
+      fill with what the trace should show: `prompt_tokens`,
+      `completion_tokens`, `cache_hit`, `replica` (`if ctx.facts is not None:
+      ctx.facts["cache_hit"] = True`); an attempt's context shares its call's.
+    headers: a provider may leave its answer's headers here (rate limits).
   """
 
   __slots__ = ("scope", "deadline", "timeout_s", "clock", "hard_deadline", "abandoned",
-               "index", "what", "headers")
+               "index", "what", "headers", "retries", "facts")
 
   def __init__(self, scope: "Scope | None" = None, *, timeout_s: float | None = None,
                clock: Clock = REAL_CLOCK, hard: bool = False, index: int = 0,
@@ -80,6 +87,16 @@ class CallContext:
     # waiter at their deadline.
     self.hard_deadline = self.deadline if hard else None
     self.abandoned = False
+    self.retries = 0
+    self.facts = None
+
+  def retrying(self, error: BaseException, delay_s: float) -> None:
+    """A retry loop calls this before it waits `delay_s` to retry after
+    `error`: the retry counts in the call site's stats and shows in a trace."""
+    self.retries += 1
+    if self.facts is not None:
+      self.facts.setdefault("retry_waits", []).append(
+          (time.perf_counter(), delay_s, type(error).__name__))
 
   @property
   def cancelled(self) -> bool:
@@ -109,6 +126,7 @@ class CallContext:
     """A context for one attempt: this call's cancellation and clock, and a
     deadline `timeout_s` from now, or this call's deadline if that is sooner."""
     child = CallContext(self.scope, timeout_s=timeout_s, clock=self.clock, index=self.index)
+    child.facts = self.facts
     if self.deadline is not None and (child.deadline is None or self.deadline <= child.deadline):
       child.deadline, child.timeout_s, child.what = self.deadline, self.timeout_s, self.what
     return child
@@ -178,6 +196,13 @@ class Scope:
     self._waiters: set[threading.Event] = set()
     self._jobs: list[Job] = []
     self.call_seconds = 0.0
+    self.progress = None     # a progress bar `wait` keeps up to date (progress.py)
+
+  @property
+  def jobs(self) -> list["Job"]:
+    """The jobs started in this scope so far (control-flow bodies and streams too)."""
+    with self._lock:
+      return list(self._jobs)
 
   @property
   def cancelled(self) -> bool:
@@ -245,6 +270,8 @@ class Scope:
       self._waiters.add(event)
     try:
       while not event.is_set() and not self._cancelled.is_set():
+        if self.progress is not None:
+          self.progress.tick()
         timeout = POLL_S
         next_deadline = self._time_out_overdue()
         if next_deadline is not None:
@@ -302,8 +329,9 @@ class Job:
   finish). Each lane takes the next fed item until none is left; a lane that
   finds none ends, and a later feed starts a new one.
 
-  Thread lanes start at once, up to the limit, unless the op's items are
-  known to be quick (`typical_item_s`, measured on earlier jobs): then only
+  Thread lanes start at once, up to the limit, unless the call site's items
+  are known to be quick (`typical_item_s`, measured on earlier jobs and kept
+  in the runtime's `call_times`): then only
   enough lanes start to share about `LANE_WORK_S` of work each, since every
   lane costs a thread wake-up; a lane whose item turns out slow starts more
   (doubling). Async lanes grow: one starts,
@@ -311,6 +339,15 @@ class Job:
   as many again start (1, 2, 4, ...), so calls that wait get all the
   concurrency they need within a few loop turns, and calls that never wait
   (a zero-latency fake, a cache hit) run one after another on one task.
+
+  Lanes request their slots at the job's `priority`; a lane that finishes an
+  item while a request of higher priority waits for the same limit hands
+  its slot over (the job queues again for one), so the call heading the
+  longest remaining path is not held up by a long batch of less urgent ones.
+
+  Every item run is logged (when it started and ended, in `starts` and
+  `ends`; retries and failures counted) for the per-call-site statistics,
+  and shown in a trace when one records.
 
   Args:
     scope: the run it belongs to.
@@ -325,12 +362,14 @@ class Job:
     wrap_error: `wrap_error(error, i)` is the error raised for item i.
     on_done: called (from any thread) once the job completed or failed.
     on_item: called (from any thread) with `(i, result)` as each item succeeds.
-    hooks: the op's usage hooks (`record_abandoned(runtime, k)`,
-      `record_dropped(runtime, k)`), or None.
-    typical_item_s: the op's measured seconds per item, or None (unknown).
-    on_finished: called with `(seconds, items)` run by the job's lanes, once
-      all of them ended (for the next job's `typical_item_s`).
     deadline_name: the parameter `timeout_s` comes from, for messages.
+    op: the `HostCallOp` it runs, or None: its usage hooks
+      (`record_abandoned(runtime, k)`, `record_dropped(runtime, k)`) and,
+      with `source`, the call site its times are kept for.
+    source: the user's line, or a tuple of lines (one per item) for call
+      sites batched together.
+    priority: how urgent its calls are when they wait for a slot of their
+      limit (the scheduler's longest remaining path; higher goes first).
   """
 
   def __init__(self, scope: Scope, n: int, run_item: Callable, *,
@@ -339,10 +378,8 @@ class Job:
                release_on_abandon: bool = False, is_async: bool = False,
                wrap_error: Callable[[BaseException, int], BaseException] = lambda e, i: e,
                on_done: Callable[["Job"], None] | None = None,
-               on_item: Callable[[int, Any], None] | None = None, hooks: Any = None,
-               typical_item_s: float | None = None,
-               on_finished: Callable[[float, int], None] | None = None,
-               deadline_name: str = "timeout_s"):
+               on_item: Callable[[int, Any], None] | None = None, op: Any = None,
+               source: Any = None, priority: float = 0.0, deadline_name: str = "timeout_s"):
     self.scope = scope
     self.n = n
     self.run_item = run_item
@@ -355,9 +392,23 @@ class Job:
     self.wrap_error = wrap_error
     self.on_done = on_done
     self.on_item = on_item
-    self.hooks = hooks
-    self.typical_item_s = typical_item_s
-    self.on_finished = on_finished
+    self.op = op
+    self.source = source
+    self.line = source[0] if isinstance(source, tuple) and source else source
+    self.priority = priority
+    self.typical_item_s = (None if op is None
+                           else scope.runtime.call_times.get(op, self.line))
+    # Per item: perf_counter() when it started and ended (None: never ran).
+    self.starts: list = [None] * n
+    self.ends: list = [None] * n
+    self.retries = 0         # over all items
+    self.failures = 0        # items that failed (not cancelled)
+    # Its calls queued for slots of the limit: the batch is larger than the
+    # limit, or a lane had to wait for a slot other calls held.
+    self.limited = limit is not None and n > limit
+    self.started_at = 0.0    # perf_counter() when started
+    self._fed_at: dict | None = None   # item -> when fed, for items fed after the start
+    self.trace: tracing.ItemTrace | None = None   # while a trace records
     self.deadline_name = deadline_name
     self._seconds = 0.0      # run by lanes that ended
     self._items_run = 0
@@ -376,19 +427,30 @@ class Job:
     self._running: set[_Lane] = set()   # async lanes (for the deadline watchdog)
     self._watchdog = None
     self._started = False
+    self.resolved = 0        # items completed without running (cache hits)
     self._busy = 0           # async lanes inside a call (read and written on the loop)
     self._grow_scheduled = False
+
+  @property
+  def finished_items(self) -> int:
+    """Items that ran to completion so far."""
+    return self.n - self._left
 
   def start(self, *, fed: bool = True) -> "Job":
     """Registers the job in its scope and feeds it every item (unless `fed=False`)."""
     if self._started:
       raise RuntimeError("xcs_jax internal error: a job was started twice")
     self._started = True
+    self.started_at = time.perf_counter()
+    if tracing.listening():
+      self.trace = tracing.ItemTrace(self.op, self.source)
     self.scope._start_job(self)
     if self.n == 0:
       self._finish()
     elif fed:
       self.feed(range(self.n))
+    else:
+      self._fed_at = {}
     return self
 
   def feed(self, items) -> None:
@@ -397,6 +459,10 @@ class Job:
       if self._finished:
         return
       before = len(self._queue)
+      if self._fed_at is not None:
+        now = time.perf_counter()
+        items = list(items)
+        self._fed_at.update((i, now) for i in items)
       self._queue.extend(items)
       self._fed += len(self._queue) - before
       if self.is_async:
@@ -432,7 +498,9 @@ class Job:
     else:
       limits = self.scope.runtime.limits
       for _ in range(want):
-        limits.request(self.limit_key, self.limit, self._grant)
+        if limits.request(self.limit_key, self.limit, self._grant, self.priority,
+                          self._label):
+          self.limited = True
 
   def _grow(self) -> None:
     """On the loop: more async lanes when every lane is inside a waiting call
@@ -499,8 +567,45 @@ class Job:
       return None
 
   def _context(self, i: int) -> CallContext:
-    return CallContext(self.scope, timeout_s=self.timeout_s, clock=self.scope.clock,
-                       hard=self.hard_timeout, index=i, what=self.deadline_name)
+    ctx = CallContext(self.scope, timeout_s=self.timeout_s, clock=self.scope.clock,
+                      hard=self.hard_timeout, index=i, what=self.deadline_name)
+    if self.trace is not None:
+      ctx.facts = {}
+    return ctx
+
+  def fed_at(self, i: int) -> float:
+    """When item i was ready to run (fed)."""
+    return self.started_at if self._fed_at is None else self._fed_at.get(i, self.started_at)
+
+  def _waiting_for_limit(self) -> list:
+    """The live heap of requests waiting for this job's limit (a lane holding a
+    slot keeps it alive; see `Limits.waiting`), or an empty list."""
+    if self.limit_key is None:
+      return []
+    return self.scope.runtime.limits.waiting(self.limit_key)
+
+  def _hand_over(self, lane: _Lane, waiting: list) -> bool:
+    """After an item: gives the lane's slot to a more urgent request waiting
+    for the same limit; the job queues again for a slot at its own priority.
+    Whether the lane ends."""
+    if not (waiting and -waiting[0][0] > self.priority and self._queue):
+      return False
+    lane.counted_out = True   # the new request stands in for this lane in `_lanes`
+    self.limited = True
+    self.scope.runtime.limits.request(self.limit_key, self.limit, self._grant,
+                                      self.priority, self._label)
+    return True
+
+  def _label(self) -> str:
+    """What the job runs, for a trace."""
+    return "host call" if self.op is None else f"{self.op.kind} {self.op.describe()}"
+
+  def _count(self, ctx: CallContext, error: BaseException | None) -> None:
+    """Counts an item's retries and failure (rare: most items have neither)."""
+    with self._lock:
+      self.retries += ctx.retries
+      if error is not None and not isinstance(error, XCSCancelledError):
+        self.failures += 1
 
   def _thread_lane(self) -> None:
     scope = self.scope
@@ -509,22 +614,34 @@ class Job:
     token = scope.runtime._make_current()
     seconds, items = 0.0, 0
     quick = self.typical_item_s is not None and self.typical_item_s < QUICK_ITEM_S
+    trace, starts, ends = self.trace, self.starts, self.ends
+    waiting = self._waiting_for_limit()
+    track = trace.thread_track() if trace is not None else None
     try:
       while (i := self._take(lane)) is not None:
         ctx = lane.ctx = self._context(i)
+        span = trace.begin(i, track) if trace is not None else None
         start = time.perf_counter()
         try:
           result, error = self.run_item(i, ctx), None
         except BaseException as e:  # reported through the scope
           result, error = None, e
-        took = time.perf_counter() - start
+        starts[i] = start
+        ends[i] = end = time.perf_counter()
+        took = end - start
         seconds += took
         items += 1
+        if ctx.retries or error is not None:
+          self._count(ctx, error)
+        if span is not None:
+          trace.end(span, i, ctx, error, start - self.fed_at(i))
         if not self._item_ended(lane, i, result, error):
           return
         if quick and took >= QUICK_ITEM_S and self._queue:
           quick = False   # not so quick after all: more lanes, once per lane
           self._grow_threads()
+        if waiting and self._hand_over(lane, waiting):
+          return
     finally:
       scope.runtime._reset_current(token)
       self._lane_ended(lane, seconds, items)
@@ -545,9 +662,13 @@ class Job:
     loop = asyncio.get_running_loop()
     seconds, items = 0.0, 0
     self._running.add(lane)
+    trace, starts, ends = self.trace, self.starts, self.ends
+    waiting = self._waiting_for_limit()
+    track = trace.lane_track() if trace is not None else None
     try:
       while (i := self._take(lane)) is not None:
         ctx = lane.ctx = self._context(i)
+        span = trace.begin(i, track) if trace is not None else None
         start = time.perf_counter()
         if self.timeout_s is not None:
           lane.deadline = loop.time() + self.timeout_s
@@ -566,13 +687,23 @@ class Job:
         except Exception as e:  # reported through the scope
           result, error = None, e
         self._busy -= 1
-        seconds += time.perf_counter() - start
+        starts[i] = start
+        ends[i] = end = time.perf_counter()
+        seconds += end - start
         items += 1
         lane.deadline = None
+        if ctx.retries or error is not None:
+          self._count(ctx, error)
+        if span is not None:
+          trace.end(span, i, ctx, error, start - self.fed_at(i))
         if not self._item_ended(lane, i, result, error):
+          return
+        if waiting and self._hand_over(lane, waiting):
           return
     finally:
       self._running.discard(lane)
+      if track is not None:
+        trace.free_lane_track(track)
       self._lane_ended(lane, seconds, items)
 
   def _time_out_lanes(self) -> None:
@@ -616,19 +747,20 @@ class Job:
 
   def _lane_gone(self, lane: _Lane | None, seconds: float, items: int) -> None:
     """A lane ended (or was declined before it started); the last one of a
-    job that succeeded reports the time its items took (`on_finished`)."""
+    job that succeeded records the time per item in the runtime's
+    `call_times` (the next job's `typical_item_s`, the scheduler's priorities)."""
     with self._lock:
       if lane is None or not lane.counted_out:
         self._lanes -= 1
       self._seconds += seconds
       self._items_run += items
       report = (self._lanes == 0 and self._finished and self.error is None
-                and self.on_finished is not None and self._items_run > 0)
+                and self.op is not None and self._items_run > 0)
       total, count = self._seconds, self._items_run
       if report:
         self._items_run = 0   # reported once
     if report:
-      self.on_finished(total, count)
+      self.scope.runtime.call_times.record(self.op, self.line, total / count)
 
   # -- completion ------------------------------------------------------------
 
@@ -649,6 +781,7 @@ class Job:
     for i, result in results:
       self.results[i] = result
     with self._lock:
+      self.resolved += len(results)
       self._left -= len(results)
       last = self._left == 0 and not self._finished
     if last:
@@ -685,8 +818,8 @@ class Job:
       ctx.abandoned = True
     if self.release_on_abandon and self.limit_key is not None:
       self.scope.runtime.limits.release(self.limit_key)
-    if self.hooks is not None and ctx is not None:
-      self.hooks.record_abandoned(self.scope.runtime, 1)
+    if self.op is not None and ctx is not None:
+      self.op.record_abandoned(self.scope.runtime, 1)
     return 1 if ctx is not None else 0
 
   def _abandon_timed_out(self, lane: _Lane, ctx: CallContext) -> None:
@@ -703,8 +836,8 @@ class Job:
         return
       self._dropped_counted = True
       never_started = self.n - self._fed + len(self._queue)
-    if self.hooks is not None and never_started > 0:
-      self.hooks.record_dropped(self.scope.runtime, never_started)
+    if self.op is not None and never_started > 0:
+      self.op.record_dropped(self.scope.runtime, never_started)
 
 
 def wait_for_job(job: Job) -> list:

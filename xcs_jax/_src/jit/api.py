@@ -14,9 +14,12 @@ import jax
 import numpy as np
 
 from xcs_jax._src import compat
-from xcs_jax._src.jit.explain import render_plan
+from xcs_jax._src import progress as progress_lib
+from xcs_jax._src.jit.explain import render_plan, render_profile
 from xcs_jax._src.jit.plan import Plan, SegmentCache, build_plan
+from xcs_jax._src.jit.profile import Profile
 from xcs_jax._src.jit.scheduler import RunLimit, run_plan
+from xcs_jax._src.jit.timeline import RunTimeline
 from xcs_jax._src.primitives import watch_host_calls
 from xcs_jax._src.runtime import Runtime, current_runtime
 from xcs_jax._src.scope import Scope
@@ -91,7 +94,7 @@ class JitFunction:
 
   def __init__(self, fun: Callable, static_argnums: Sequence[int] = (),
                static_argnames: Sequence[str] = (), max_concurrency: int | None = None,
-               cache_size: int = DEFAULT_CACHE_SIZE):
+               cache_size: int = DEFAULT_CACHE_SIZE, progress: bool = True):
     if not callable(fun):
       raise TypeError(f"`xcs_jax.jit(f)` needs a callable `f`; got {type(fun).__name__}.")
     if isinstance(static_argnums, int):
@@ -110,6 +113,12 @@ class JitFunction:
       raise ValueError("`xcs_jax.jit(..., cache_size=...)` must be an int >= 1 (plans "
                        f"kept); got {cache_size!r}.")
     self._cache_size = cache_size
+    if not isinstance(progress, bool):
+      raise TypeError("`xcs_jax.jit(..., progress=...)` must be True (a bar for runs longer "
+                      f"than a few seconds, on a terminal or in a notebook) or False; got "
+                      f"{progress!r}.")
+    self.progress = progress
+    self._profile = Profile()
     self._cache: collections.OrderedDict = collections.OrderedDict()
     self._segments = SegmentCache()
     self._lock = threading.Lock()
@@ -308,17 +317,28 @@ class JitFunction:
       return out
     scope = scope or Scope(runtime)
     run_limit = RunLimit(self.max_concurrency) if self.max_concurrency else None
+    timeline = RunTimeline(start)
     try:
-      outs = run_plan(entry.plan, leaves, scope=scope, run_limit=run_limit)
+      with progress_lib.shown(scope, self._progress_label, entry.plan.host_items,
+                              self.progress):
+        outs = run_plan(entry.plan, leaves, scope=scope, run_limit=run_limit,
+                        timeline=timeline)
     except BaseException:  # a failure, or an interrupt (`Scope.wait` cancelled it)
       scope.finish()
+      self._profile.record_run(entry.plan, timeline, scope, ok=False)
       raise
-    self._record(start, scope, entry.plan)
+    timeline.end = time.perf_counter()
+    self._profile.record_run(entry.plan, timeline, scope, ok=True)
+    self._record(start, scope, entry.plan, timeline.end)
     return jax.tree_util.tree_unflatten(entry.out_tree, outs)
 
-  def _record(self, start, scope, plan):
+  def _progress_label(self) -> str:
+    return f"{self!r}"
+
+  def _record(self, start, scope, plan, end=None):
+    end = time.perf_counter() if end is None else end
     with self._lock:
-      self._last = dict(last_wall_s=time.perf_counter() - start,
+      self._last = dict(last_wall_s=end - start,
                         last_model_call_s=scope.call_seconds if scope else None)
       if plan is not None:
         self._last_plan = plan
@@ -350,8 +370,24 @@ class JitFunction:
         **(plan.counts() if plan is not None else dict(
             plan_segments=0, plan_host_calls=0, plan_streams=0, plan_control_nodes=0)),
         compiled_segments=self._segments.compiled,
+        **self._profile.stats(),
     )
     return stats
+
+  def profile_report(self) -> str:
+    """The last run's plan with its measured times, as readable text.
+
+    Each step as it ran with its time (the steps on the measured critical
+    path marked `*`), where the wall time went (calls, tensor segments,
+    waiting for slots of concurrency limits, the scheduler, tracing), every
+    call site's count and percentiles over all calls so far, and hints (calls
+    waiting on a concurrency limit, a Python loop that serializes calls).
+
+    Examples:
+      >>> answer(prompts)
+      >>> print(answer.profile_report())
+    """
+    return render_profile(self._profile, repr(self))
 
   def __repr__(self):
     return f"xcs_jax.jit({getattr(self.fun, '__qualname__', self.fun)!r})"
@@ -359,7 +395,7 @@ class JitFunction:
 
 def jit(fun: Callable | None = None, *, static_argnums: int | Sequence[int] = (),
         static_argnames: str | Sequence[str] = (), max_concurrency: int | None = None,
-        cache_size: int = DEFAULT_CACHE_SIZE):
+        cache_size: int = DEFAULT_CACHE_SIZE, progress: bool = True):
   """Compiles a hybrid function: XLA for tensor code, concurrent host calls.
 
   The first call for a new argument signature traces `fun` with JAX, splits
@@ -375,6 +411,9 @@ def jit(fun: Callable | None = None, *, static_argnums: int | Sequence[int] = ()
     static_argnames: names of hashable keyword arguments that are not arrays.
     max_concurrency: at most this many host calls (nodes) in flight at once.
     cache_size: plans kept (least recently used dropped first).
+    progress: show a progress bar (tqdm) for a call that runs longer than a
+      few seconds, on a terminal or in a notebook; False: never (the
+      environment variable `XCS_JAX_PROGRESS=0` turns bars off everywhere).
 
   Returns:
     A `JitFunction`. Under an outer `jax.jit`/`grad`/`vmap` it traces
@@ -390,8 +429,10 @@ def jit(fun: Callable | None = None, *, static_argnums: int | Sequence[int] = ()
   if fun is None:
     return functools.partial(jit, static_argnums=static_argnums,
                              static_argnames=static_argnames,
-                             max_concurrency=max_concurrency, cache_size=cache_size)
-  return JitFunction(fun, static_argnums, static_argnames, max_concurrency, cache_size)
+                             max_concurrency=max_concurrency, cache_size=cache_size,
+                             progress=progress)
+  return JitFunction(fun, static_argnums, static_argnames, max_concurrency, cache_size,
+                     progress)
 
 
 def get_jit_stats(f: JitFunction) -> dict:

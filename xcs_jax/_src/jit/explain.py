@@ -53,6 +53,15 @@ def _describe_step(node) -> str:
   return describe_node(node)
 
 
+def step_labels(plan) -> dict[int, str]:
+  """`step #i: what it runs`, per step of the plan as run (made once per plan)."""
+  labels = getattr(plan, "_step_labels", None)
+  if labels is None:
+    labels = plan._step_labels = {
+        n.index: f"step #{n.index}: {_describe_step(n)}" for n in plan.run_graph.nodes}
+  return labels
+
+
 def render_run(plan) -> list[str]:
   """The plan as it runs: after batching sibling calls, vectorizing, folding
   and forming streams (empty for a program that is one XLA executable)."""
@@ -71,3 +80,54 @@ def render_run(plan) -> list[str]:
 def _eqn_names(eqns) -> str:
   names = [e.name for e in eqns]
   return ", ".join(names[:8]) + (f", ... ({len(names)} ops)" if len(names) > 8 else "")
+
+
+def _ms(seconds: float | None) -> str:
+  return "-" if seconds is None else f"{seconds * 1e3:.1f} ms"
+
+
+def render_profile(profile, title: str) -> str:
+  """The plan of the last run with its measured times, the critical path
+  marked, where the time went, the call sites and hints (`f.profile_report()`)."""
+  last = profile.last
+  if last is None:
+    return (f"{title}: no run measured yet (call it first; a function that runs as one "
+            "XLA executable, or falls back to direct execution, has no plan to measure).")
+  plan, tl, wall, cp = last.plan, last.timeline, last.wall_s, last.critical_path_s
+  lines = [f"{title}, last run: wall {_ms(wall)}, measured critical path {_ms(cp)} "
+           f"({cp / wall:.0%} of the wall)" if wall > 0 else f"{title}, last run"]
+  b = last.breakdown
+  lines.append("where the wall time went (along the steps the run waited on): "
+               f"calls {_ms(b['calls_s'])}, tensor segments {_ms(b['segments_s'])}, "
+               f"waiting for slots {_ms(b['limits_s'])}, scheduler {_ms(b['scheduler_s'])}, "
+               f"tracing and compiling {_ms(b['tracing_s'])}")
+  on_path = set(last.critical_path)
+  lines.append("steps as run (* on the measured critical path; time from start to "
+               "release; a tensor segment's is its dispatch):")
+  for node in plan.run_graph.nodes:
+    st = tl.steps.get(node.index)
+    took = (None if st is None or st.start is None or st.released is None
+            else st.released - st.start)
+    detail = ""
+    if node.kind is Kind.HOST and st is not None and st.jobs:
+      j = st.jobs[0]   # its job's summary
+      detail = f"  [{j.ran} call(s), longest {_ms(j.longest_s)}"
+      waited, longest, _ = j.waits()
+      if waited:
+        detail += f", {waited} waited for a slot (longest {_ms(longest)})"
+      detail += "]"
+    deps = ", ".join(f"#{d}" for d in sorted(node.deps)) or "inputs"
+    mark = "*" if node.index in on_path else " "
+    lines.append(f"  {mark} step #{node.index}: {_describe_step(node)}  {_ms(took)}"
+                 f"{detail}  <- {deps}")
+  sites = profile.stats()["call_sites"]
+  if sites:
+    lines.append("call sites (all calls so far):")
+    for s in sites:
+      lines.append(f"  {s['op']} {s['binding']} at {s['source']}: {s['count']} call(s), "
+                   f"p50 {_ms(s['p50_s'])}, p95 {_ms(s['p95_s'])}, max {_ms(s['max_s'])}, "
+                   f"{s['errors']} error(s), {s['retries']} retries")
+  hints = profile.hints()
+  lines.append("hints:" if hints else "hints: none (nothing stands out)")
+  lines.extend(f"  - {h}" for h in hints)
+  return "\n".join(lines)

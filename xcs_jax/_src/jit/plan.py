@@ -60,6 +60,7 @@ class Plan:
   steps: dict             # index -> Step, from `program`
   whole: Callable | None  # the one executable of a program without host calls
   run_graph: Graph        # the graph of `program`: what runs, step by step
+  host_items: int = 0     # host calls one run makes, outside control flow (progress bars)
 
   def counts(self) -> dict:
     """What runs, by kind of step (the `plan_*` keys of `get_jit_stats`)."""
@@ -183,7 +184,13 @@ def build_plan(closed_jaxpr: Any, *, batch_calls: bool = True,
           step.run = ControlRunner(step.eqn, [program.avals[o] for o in step.eqn.outs],
                                    sub_plan)
     steps[node.index] = step
+  items = 0
   for step in steps.values():
     for d in step.deps:
       steps[d].dependents.append(step.index)
-  return Plan(program, graph, analysis, steps, whole, exec_graph)
+    if step.kind is Kind.HOST:
+      items += _batch_size(step.eqn, program)
+    elif step.kind is Kind.STREAM:
+      spec = step.eqn.params["spec"]
+      items += math.prod(spec.batch) * len(spec.stages)
+  return Plan(program, graph, analysis, steps, whole, exec_graph, items)

@@ -301,13 +301,17 @@ class StreamRunner:
       if stage.fragment is not None:
         stage.fragment.compile()
 
-  def start(self, scope, statics: list, report: Callable[[Any, BaseException | None], None]
-            ) -> None:
-    _StreamRun(self, scope, statics, report).start()
+  def start(self, scope, statics: list, report: Callable[[Any, BaseException | None], None],
+            priority: float = 0.0) -> "_StreamRun":
+    """Starts a run of the stream (its calls at `priority`; see `scope.Job`)."""
+    run = _StreamRun(self, scope, statics, report, priority)
+    run.start()
+    return run
 
 
 class _StreamRun:
-  def __init__(self, runner: StreamRunner, scope, statics: list, report):
+  def __init__(self, runner: StreamRunner, scope, statics: list, report, priority: float):
+    self.priority = priority
     self.spec = runner.spec
     self.out_avals = runner.out_avals
     self.scope = scope
@@ -344,7 +348,8 @@ class _StreamRun:
                  else self.inputs[s].__getitem__)
       self.jobs.append(p["op"].make_job(self.scope, self.n, example, p["source"],
                                         on_done=self._job_done,
-                                        on_item=self._item_done_fn(s)))
+                                        on_item=self._item_done_fn(s),
+                                        priority=self.priority))
     for stage, job in zip(self.spec.stages, self.jobs):
       job.start(fed=not stage.upstream)
 

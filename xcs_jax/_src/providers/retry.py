@@ -98,6 +98,9 @@ class Metered:
   def succeeded(self, prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
     self.usage.add_call(self.binding, time.perf_counter() - self.start, prompt_tokens,
                         completion_tokens)
+    if self.ctx.facts is not None and (prompt_tokens or completion_tokens):
+      self.ctx.facts.update(prompt_tokens=prompt_tokens,   # a trace records this call
+                            completion_tokens=completion_tokens)
 
 
 @dataclasses.dataclass
@@ -155,6 +158,7 @@ def run(request: Request, ctx: CallContext) -> Any:
           if final is e:
             raise
           raise final from e
+        ctx.retrying(e, delay)  # per-call-site stats, the trace
       else:
         if request.after is not None:
           request.after(token, result, None, actx)
@@ -190,6 +194,7 @@ async def arun(request: Request, ctx: CallContext) -> Any:
           if final is e:
             raise
           raise final from e
+        ctx.retrying(e, delay)  # per-call-site stats, the trace
       else:
         if request.after is not None:
           request.after(token, result, None, actx)
