@@ -66,6 +66,7 @@ class BindingOp(HostCallOp):
 
   def prepare(self, runtime):
     provider = provider_of(self.binding, runtime)
+    provider.prepare(self.binding)
     method = getattr(provider, self.method)
     backoff = base.Backoff(int(self.binding.get("retries")), provider.is_transient)
     usage, binding = runtime.usage, self.binding

@@ -19,7 +19,8 @@ import threading
 import warnings
 import weakref
 from xcs_jax._src import executor
-from xcs_jax._src.errors import XCSError
+from xcs_jax._src import checks
+from xcs_jax._src.errors import RuntimeClosedError
 from xcs_jax._src.providers import base
 from xcs_jax._src.usage import UsageMeter
 
@@ -29,10 +30,6 @@ before they are abandoned (cooperative calls stop well within it)."""
 
 _CURRENT: contextvars.ContextVar["Runtime | None"] = contextvars.ContextVar(
     "xcs_jax_runtime", default=None)
-
-
-class RuntimeClosedError(XCSError, RuntimeError):
-  """A call reached a runtime that was already closed."""
 
 
 class Runtime:
@@ -52,14 +49,12 @@ class Runtime:
 
   def __init__(self, *, name: str = "xcs", cancel_grace_s: float = DEFAULT_CANCEL_GRACE_S,
                clock: executor.Clock | None = None):
-    if not isinstance(name, str) or not name:
-      raise ValueError(f"`xcs_jax.runtime(name=...)` must be a non-empty str; got {name!r}.")
-    if (isinstance(cancel_grace_s, bool) or not isinstance(cancel_grace_s, (int, float))
-        or not 0 <= cancel_grace_s < float("inf")):
-      raise ValueError("`xcs_jax.runtime(cancel_grace_s=...)` must be a finite number of "
-                       f"seconds >= 0; got {cancel_grace_s!r}.")
-    self.name = name
-    self.cancel_grace_s = float(cancel_grace_s)
+    self.name = checks.check_str(name, "xcs_jax.runtime(name=...)", empty_ok=False)
+    self.cancel_grace_s = checks.check_seconds(
+        cancel_grace_s, "xcs_jax.runtime(cancel_grace_s=...)", none_ok=False, zero_ok=True)
+    if clock is not None and not isinstance(clock, executor.Clock):
+      checks.fail(TypeError, "xcs_jax.runtime(clock=...)",
+                  "an `xcs_jax.extend.Clock` or None", clock)
     self.clock = clock or executor.REAL_CLOCK
     self.usage = UsageMeter()
     self.limits = executor.Limits()

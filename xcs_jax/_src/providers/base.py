@@ -82,8 +82,15 @@ class Provider:
       return f"{self.name}@{binding.get('base_url') or 'default'}"
     return self.name
 
-  def validate(self, model: str, params: Mapping[str, Any]) -> None:
-    """Checks a binding when it is made (e.g. that its API key is set)."""
+  def validate(self, model: str, params: dict[str, Any]) -> None:
+    """Checks a binding's parameters when it is made (e.g. that its API key is
+    set); may normalize values in `params` (every parameter, defaults
+    included). Raise TypeError / ValueError as `xcs_jax._src.checks` does."""
+
+  def prepare(self, binding) -> None:
+    """Called before a batch of the binding's calls starts, outside their
+    deadlines: make what the calls need (an SDK client, which imports parts
+    of its SDK), so no call's timeout pays for it."""
 
   def generate(self, binding, prompt: str, seed: int, ctx: CallContext) -> Completion:
     raise NotImplementedError(f"provider `{self.name}` cannot generate text")
@@ -155,7 +162,9 @@ class Backoff:
       return None
     if attempt >= self.retries or not self.is_transient(error):
       return None
-    return random.uniform(0, min(self.max_delay_s, self.base_delay_s * 2 ** (attempt + 1)))
+    # The exponent is capped: 2 ** 1100 would not convert to a float.
+    growth = 2.0 ** min(attempt + 1, 64)
+    return random.uniform(0, min(self.max_delay_s, self.base_delay_s * growth))
 
 
 class Metered:
@@ -193,24 +202,30 @@ class Metered:
                    **tokens)
 
 
+def retry(attempt: Callable[[], Any], backoff: Backoff, ctx: CallContext,
+          on_retry: Callable[[], None] = lambda: None) -> Any:
+  """`attempt()` until it succeeds or `backoff` gives up, sleeping between
+  tries (the sleeps count against `ctx`'s deadline and stop on cancellation)."""
+  tries = 0
+  while True:
+    ctx.check()
+    try:
+      return attempt()
+    except Exception as e:
+      delay = backoff.delay(e, tries)
+      if delay is None:
+        raise
+    ctx.sleep(delay)        # counts against the deadline
+    tries += 1
+    on_retry()
+
+
 def call_provider(usage, binding, backoff: Backoff, method: Callable, args: tuple,
                   ctx: CallContext) -> Any:
   """`method(binding, *args, ctx)` with retries (backoff sleeps count against
   the call's deadline) and usage accounting."""
   with Metered(usage, binding, ctx) as meter:
-    attempt = 0
-    while True:
-      ctx.check()
-      try:
-        result = method(binding, *args, ctx)
-        break
-      except Exception as e:
-        delay = backoff.delay(e, attempt)
-        if delay is None:
-          raise
-      ctx.sleep(delay)        # counts against the deadline
-      attempt += 1
-      meter.retried()
+    result = retry(lambda: method(binding, *args, ctx), backoff, ctx, meter.retried)
     if not ctx.abandoned:
       meter.succeeded(result)
     return result
