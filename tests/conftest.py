@@ -12,7 +12,7 @@ from typing import Callable
 import pytest
 
 import xcs_jax
-from xcs_jax import models
+from xcs_jax import extend, models
 from xcs_jax._src.executor import WorkerPool
 
 _unique = itertools.count()
@@ -81,6 +81,27 @@ def fake_inflight(monkeypatch):
     return rec
 
   return install
+
+
+class VirtualClock(extend.Clock):
+  """A clock that never sleeps: waits advance it, and are recorded."""
+
+  def __init__(self):
+    self.t = 1000.0
+    self.waits: list[float] = []
+    self._lock = threading.Lock()
+
+  def now(self):
+    with self._lock:
+      return self.t
+
+  def wait(self, event, seconds):
+    if event.is_set():
+      return True
+    with self._lock:
+      self.waits.append(seconds)
+      self.t += max(0.0, seconds)
+    return event.is_set()
 
 
 def xcs_threads() -> list[threading.Thread]:
