@@ -1,6 +1,7 @@
 """Shared test helpers: in-flight recorders, unique bindings, thread checks."""
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import os
@@ -10,6 +11,7 @@ import time
 from typing import Callable
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 import xcs_jax
 from xcs_jax import extend, models
@@ -137,3 +139,37 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float = 10.0) -> bool:
       return True
     time.sleep(0.01)
   return predicate()
+
+
+# --- profiles of the fuzz and fault suites, and their figures ---------------------
+
+STRESS = os.environ.get("XCS_STRESS") == "1"
+"""`make stress` sets XCS_STRESS=1: the long profiles (`make test` runs the fast ones)."""
+
+settings.register_profile(
+    "fast", deadline=None, derandomize=True, database=None, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile(
+    "stress", deadline=None, database=None, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.load_profile("stress" if STRESS else "fast")
+
+
+def examples(fast: int, stress: int = 10_000) -> int:
+  """Examples per property: `fast` in `make test`, `stress` in `make stress`."""
+  return stress if STRESS else fast
+
+
+FIGURES: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+"""Counts the fuzz and fault suites record (`FIGURES[suite][what] += n`)."""
+
+
+def pytest_terminal_summary(terminalreporter):
+  if not FIGURES:
+    return
+  terminalreporter.section("figures of the fuzz and fault suites"
+                           + (" (stress profile)" if STRESS else " (fast profile)"))
+  for name in sorted(FIGURES):
+    counts = ", ".join(f"{k}={v:,}" if isinstance(v, int) else f"{k}={v}"
+                       for k, v in sorted(FIGURES[name].items()))
+    terminalreporter.write_line(f"{name}: {counts}")
