@@ -26,6 +26,20 @@ MAX_SECONDS = 1e9  # messages write it as "1e9"
 Longer waits overflow the operating system's timed waits
 (`threading.TIMEOUT_MAX`) and would fail at call time; None means no limit."""
 
+MAX_TEXT_BYTES = 2**24
+"""The largest capacity of one text row (`max_len`, `output_bytes`): 16 MiB,
+more than any model's context holds. Larger rows would only exhaust memory
+(numpy allocates them lazily, so a typo like 2**40 would be killed by the
+operating system, not refused)."""
+
+MAX_SAMPLES = 2**20
+"""The most samples one call asks for (ensemble members, SPSA directions,
+REINFORCE samples): each is at least one model or host evaluation, and a
+typo like 2**31 would exhaust memory before anything ran."""
+
+MAX_EMBEDDING_DIM = 2**20
+"""The widest embedding a binding may declare (real ones are a few thousand)."""
+
 SEED_MAX = 2**31 - 1
 """Seeds are 31-bit, like those derived from PRNG keys (providers read 2**32 - 1
 as "random")."""

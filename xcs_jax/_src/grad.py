@@ -125,7 +125,8 @@ def spsa(n: int = DEFAULT_SPSA_SAMPLES, *, step: float | None = None,
   Returns:
     An estimator for `host_op(..., grad=...)`.
   """
-  n = checks.check_int(n, "xcs_jax.grad.spsa(n=...)", min_value=1)
+  n = checks.check_int(n, "xcs_jax.grad.spsa(n=...)", min_value=1,
+                       max_value=checks.MAX_SAMPLES)
   seed = checks.check_seed(seed, "xcs_jax.grad.spsa(seed=...)")
   return SPSA(n, _check_step(step, "spsa"), seed)
 

@@ -209,6 +209,7 @@ def _check_common(spec: str, p: dict[str, Any]) -> None:
     return f"bind({spec!r}, {name}=...)"
 
   p["output_bytes"] = checks.check_int(p["output_bytes"], arg("output_bytes"), min_value=1,
+                                       max_value=checks.MAX_TEXT_BYTES,
                                        fix="It is the capacity of the answer's byte array.")
   p["max_tokens"] = checks.check_int(p["max_tokens"], arg("max_tokens"), min_value=1)
   checks.check_one_of(p["overflow"], arg("overflow"), ("error", "truncate"))

@@ -42,7 +42,8 @@ def ensemble(binding: ModelBinding, prompts: jax.Array, *, n: int, key: jax.Arra
   if not isinstance(binding, ModelBinding):
     checks.fail(TypeError, "ensemble(binding, ...)",
                 "a ModelBinding (from `xcs_jax.models.bind`)", binding)
-  n = checks.check_int(n, "ensemble(..., n=...)", min_value=1)
+  n = checks.check_int(n, "ensemble(..., n=...)", min_value=1,
+                       max_value=checks.MAX_SAMPLES)
   checks.check_prng_key(key, "ensemble(..., key=...)")
   keys = jax.random.split(key, n)
   return jax.vmap(lambda k: binding(prompts, key=k))(keys)

@@ -90,7 +90,8 @@ def encode(s: TextLike, max_len: int, *, truncate: bool = False) -> np.ndarray:
     >>> decode(encode("héllo", 8))
     'héllo'
   """
-  max_len = checks.check_int(max_len, "xcs_jax.text.encode(s, max_len=...)", min_value=1)
+  max_len = checks.check_int(max_len, "xcs_jax.text.encode(s, max_len=...)", min_value=1,
+                             max_value=checks.MAX_TEXT_BYTES)
   truncate = checks.check_bool(truncate, "xcs_jax.text.encode(..., truncate=...)")
   shape = _shape_of(s)
   flat = [s] if isinstance(s, str) else list(np.asarray(s, dtype=object).reshape(-1))

@@ -46,7 +46,7 @@ def sample_choices(key: jax.Array, logits: jax.Array, num_samples: int) -> jax.A
     int32 `[num_samples, *logits.shape[:-1]]`.
   """
   num_samples = checks.check_int(num_samples, "sample_choices(..., num_samples=...)",
-                                min_value=1)
+                                min_value=1, max_value=checks.MAX_SAMPLES)
   logits = jnp.asarray(logits)
   shape = (num_samples,) + logits.shape[:-1]
   return jax.random.categorical(key, logits, axis=-1, shape=shape).astype(jnp.int32)
@@ -141,7 +141,7 @@ def reinforce(loss_of_choice: Callable[[jax.Array], jax.Array], logits: jax.Arra
   checks.check_callable(loss_of_choice, "reinforce(loss_of_choice, ...)",
                         "a callable `loss_of_choice(choice) -> loss`")
   num_samples = checks.check_int(num_samples, "reinforce(..., num_samples=...)",
-                                 min_value=1)
+                                 min_value=1, max_value=checks.MAX_SAMPLES)
   has_aux = checks.check_bool(has_aux, "reinforce(..., has_aux=...)")
   checks.check_prng_key(key, "reinforce(..., key=...)")
   logits = jnp.asarray(checks.check_array(logits, "reinforce(..., logits=...)"))

@@ -79,7 +79,8 @@ class FakeProvider(base.Provider):
     checks.check_str_tuple(params["choices"], arg("choices"), example="choices=(\"yes\", \"no\")")
     checks.check_number_tuple(params["option_bias"], arg("option_bias"))
     params["embedding_dim"] = checks.check_int(params["embedding_dim"], arg("embedding_dim"),
-                                               min_value=1)
+                                               min_value=1,
+                                               max_value=checks.MAX_EMBEDDING_DIM)
 
   def __init__(self):
     self._attempts: collections.OrderedDict = collections.OrderedDict()

@@ -102,7 +102,7 @@ class OpenAIProvider(base.Provider):
     sdk.check_endpoint(spec, params, "openai", _EXTRA)
     params["embedding_dim"] = checks.check_int(
         params["embedding_dim"], f"bind({spec!r}, embedding_dim=...)", min_value=1,
-        none_ok=True)
+        max_value=checks.MAX_EMBEDDING_DIM, none_ok=True)
     what = f"bind({spec!r}, score_template=...)"
     template = checks.check_str(params["score_template"], what, none_ok=True)
     if template is not None and not (template.count("{reply}") == 1
