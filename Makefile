@@ -21,7 +21,7 @@ PYTHON312 ?= $(shell for p in python3.12 $$HOME/.pyenv/versions/3.12*/bin/python
 	  $$p -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null && { echo $$p; break; }; done)
 VENV312 := .venv-jax012
 
-.PHONY: demo test test-fast test-jax012 bench clean print-python312
+.PHONY: demo test test-fast test-jax012 stress bench clean print-python312
 
 $(WHEELHOUSE)/.built:
 	mkdir -p $(WHEELHOUSE)
@@ -45,6 +45,11 @@ test: $(VENV)/.installed
 # Without the real model and server: seconds, for the edit-test loop.
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest -q tests -m "not local_model and not server"
+
+# The long profiles of the fuzz suite (10,000 examples per property) and the
+# fault suite (100,000 calls at 10% injected faults); prints their figures.
+stress: $(VENV)/.installed
+	XCS_STRESS=1 $(PY) -m pytest -q tests/test_fuzz.py tests/test_faults.py
 
 $(VENV312)/.installed: pyproject.toml
 	@test -n "$(PYTHON312)" || { echo "python3.12 not found: set PYTHON312=/path/to/python3.12"; exit 1; }

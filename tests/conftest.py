@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import inspect
@@ -13,9 +14,10 @@ import time
 from typing import Callable
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 import xcs_jax
-from xcs_jax import models
+from xcs_jax import extend, models
 from xcs_jax._src.executor import WorkerPool
 
 _unique = itertools.count()
@@ -114,6 +116,33 @@ def fake_inflight(monkeypatch):
   return install
 
 
+class VirtualClock(extend.Clock):
+  """A clock that never sleeps: waits advance it, and are recorded."""
+
+  def __init__(self):
+    self.t = 1000.0
+    self.waits: list[float] = []
+    self._lock = threading.Lock()
+
+  def now(self):
+    with self._lock:
+      return self.t
+
+  def wait(self, event, seconds):
+    if event.is_set():
+      return True
+    with self._lock:
+      self.waits.append(seconds)
+      self.t += max(0.0, seconds)
+    return event.is_set()
+
+  async def sleep(self, seconds):
+    with self._lock:
+      self.waits.append(seconds)
+      self.t += max(0.0, seconds)
+    await asyncio.sleep(0)
+
+
 def xcs_threads() -> list[threading.Thread]:
   """The runtime's worker threads (named `<runtime name>-worker-N`).
 
@@ -147,3 +176,37 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float = 10.0) -> bool:
       return True
     time.sleep(0.01)
   return predicate()
+
+
+# --- profiles of the fuzz and fault suites, and their figures ---------------------
+
+STRESS = os.environ.get("XCS_STRESS") == "1"
+"""`make stress` sets XCS_STRESS=1: the long profiles (`make test` runs the fast ones)."""
+
+settings.register_profile(
+    "fast", deadline=None, derandomize=True, database=None, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile(
+    "stress", deadline=None, database=None, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.load_profile("stress" if STRESS else "fast")
+
+
+def examples(fast: int, stress: int = 10_000) -> int:
+  """Examples per property: `fast` in `make test`, `stress` in `make stress`."""
+  return stress if STRESS else fast
+
+
+FIGURES: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+"""Counts the fuzz and fault suites record (`FIGURES[suite][what] += n`)."""
+
+
+def pytest_terminal_summary(terminalreporter):
+  if not FIGURES:
+    return
+  terminalreporter.section("figures of the fuzz and fault suites"
+                           + (" (stress profile)" if STRESS else " (fast profile)"))
+  for name in sorted(FIGURES):
+    counts = ", ".join(f"{k}={v:,}" if isinstance(v, int) else f"{k}={v}"
+                       for k, v in sorted(FIGURES[name].items()))
+    terminalreporter.write_line(f"{name}: {counts}")

@@ -142,14 +142,14 @@ def test_bad_callable_out_spec_fails_at_trace_time():
     jax.eval_shape(op, jax.ShapeDtypeStruct((3,), jnp.float32))
 
 
-@pytest.mark.parametrize("kw, name", [
-    (dict(concurrency=0), "concurrency"),
-    (dict(concurrency=2.0), "concurrency"),
-    (dict(timeout_s=0), "timeout_s"),
-    (dict(timeout_s=-1.0), "timeout_s"),
+@pytest.mark.parametrize("kw, name, kind", [
+    (dict(concurrency=0), "concurrency", ValueError),
+    (dict(concurrency=2.0), "concurrency", TypeError),
+    (dict(timeout_s=0), "timeout_s", ValueError),
+    (dict(timeout_s=-1.0), "timeout_s", ValueError),
 ])
-def test_bad_options(kw, name):
-  with pytest.raises(ValueError, match=name):
+def test_bad_options(kw, name, kind):
+  with pytest.raises(kind, match=name):
     xcs_jax.host_op(lambda x: x, out_spec=F32, **kw)
 
 

@@ -119,9 +119,15 @@ def test_unknown_provider(spec):
   assert "unknown provider" in msg and "'fake'" in msg and "provider:model" in msg
 
 
-@pytest.mark.parametrize("spec", ["fake", "", 3, None])
+@pytest.mark.parametrize("spec", ["fake", ""])
 def test_malformed_spec(spec):
   with pytest.raises(ValueError, match="provider:model"):
+    models.bind(spec)
+
+
+@pytest.mark.parametrize("spec", [3, None])
+def test_spec_of_the_wrong_type(spec):
+  with pytest.raises(TypeError, match=r"`bind\(spec, ...\)` must be a str"):
     models.bind(spec)
 
 
@@ -137,27 +143,36 @@ def test_unknown_param_lists_the_valid_ones():
   assert "temprature" in msg and "temperature" in msg and "latency_s" in msg
 
 
-@pytest.mark.parametrize("params, name", [
-    (dict(output_bytes=0), "output_bytes"),
-    (dict(output_bytes=2.5), "output_bytes"),
-    (dict(max_tokens=0), "max_tokens"),
-    (dict(overflow="clip"), "overflow"),
-    (dict(timeout_s=-1), "timeout_s"),
-    (dict(retries=-1), "retries"),
-    (dict(concurrency=0), "concurrency"),
-    (dict(temperature=-0.1), "temperature"),
-    (dict(system_prompt=3), "system_prompt"),
-    (dict(latency_s=-1), "latency_s"),
-    (dict(choices=["a", "b"]), "choices"),
+@pytest.mark.parametrize("params, name, kind", [
+    (dict(output_bytes=0), "output_bytes", ValueError),
+    (dict(output_bytes=2.5), "output_bytes", TypeError),
+    (dict(max_tokens=0), "max_tokens", ValueError),
+    (dict(overflow="clip"), "overflow", ValueError),
+    (dict(timeout_s=-1), "timeout_s", ValueError),
+    (dict(retries=-1), "retries", ValueError),
+    (dict(concurrency=0), "concurrency", ValueError),
+    (dict(temperature=-0.1), "temperature", ValueError),
+    (dict(system_prompt=3), "system_prompt", TypeError),
+    (dict(latency_s=-1), "latency_s", ValueError),
+    (dict(choices=["a", "b"]), "choices", TypeError),
+    (dict(fail_on=["a"]), "fail_on", TypeError),
 ])
-def test_invalid_param_values(params, name):
-  with pytest.raises(ValueError, match=name):
+def test_invalid_param_values(params, name, kind):
+  with pytest.raises(kind, match=name):
     models.bind("fake:choice", **params)
+
+
+class _ParamsProvider(base.Provider):
+  name = "test_params"
+  params = {"extra": None}
+
+
+base.register_provider("test_params", _ParamsProvider)
 
 
 def test_unhashable_param_is_rejected():
   with pytest.raises(ValueError, match="hashable"):
-    models.bind("fake:echo", fail_on=["a"])
+    models.bind("test_params:m", extra=["a"])
 
 
 # --- calling a binding ---------------------------------------------------------
@@ -201,7 +216,7 @@ def test_overflow_truncate_cuts_at_a_character_boundary():
 @pytest.mark.parametrize("bad, what", [
     (np.zeros((2, 8), np.float32), "float32"),
     (np.zeros((2, 8), np.int32), "int32"),
-    (np.uint8(3), "shape ()"),
+    (np.uint8(3), "uint8 scalar"),
     ("a python string", "str"),
 ])
 def test_wrong_prompt_type_raises_type_error(bad, what):

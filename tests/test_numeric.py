@@ -281,13 +281,15 @@ def test_gradient_through_embeddings_to_a_linear_head():
     (["great", "awful"], TypeError, "tuple"),
     ((), ValueError, "at least one"),
     (("great", "great"), ValueError, "distinct"),
-    (("great", 3), TypeError, "only strings"),
+    (("great", 3), TypeError, "must be a str"),
     (("great", ""), ValueError, "non-empty"),
+    (("great", "a\x00b"), ValueError, "NUL"),
+    (("great", "\ud800"), ValueError, "surrogate"),
     ("great", TypeError, "tuple"),
 ])
 def test_bad_options_name_the_argument(options, error, match):
   b = models.bind("fake:echo")
-  with pytest.raises(error, match=f"`options`.*{match}|{match}.*`options`"):
+  with pytest.raises(error, match=f"`options(\\[1\\])?`.*{match}"):
     b.score_options(_prompts(), options)
 
 
@@ -297,7 +299,7 @@ def test_wrong_text_dtype_or_rank():
     b.score_options(np.zeros((2, 8), np.int32), OPTS)
   with pytest.raises(TypeError, match="`texts` must be a uint8 text array"):
     b.embed(np.float32(1.0))
-  with pytest.raises(TypeError, match="`normalize`"):
+  with pytest.raises(TypeError, match="normalize=..."):
     b.embed(_prompts(), normalize="yes")
 
 

@@ -25,7 +25,7 @@ import pytest
 import xcs_jax
 from xcs_jax import extend, models, text
 from xcs_jax._src.binding_ops import GenerateOp
-from conftest import InFlight, unique_binding, wait_until
+from conftest import InFlight, VirtualClock, unique_binding, wait_until
 
 F32 = jax.ShapeDtypeStruct((), jnp.float32)
 SRC = pathlib.Path(xcs_jax.__file__).parent
@@ -143,33 +143,6 @@ def test_timeouts_count_running_time_not_time_in_a_queue(rt):
   out = jax.jit(jax.vmap(b))(text.encode([f"p{i}" for i in range(6)], 8))
   assert len(text.decode(out)) == 6
   assert b.usage().errors == 0
-
-
-class VirtualClock(extend.Clock):
-  """A clock that never sleeps: waits advance it, and are recorded."""
-
-  def __init__(self):
-    self.t = 1000.0
-    self.waits: list[float] = []
-    self._lock = threading.Lock()
-
-  def now(self):
-    with self._lock:
-      return self.t
-
-  def wait(self, event, seconds):
-    if event.is_set():
-      return True
-    with self._lock:
-      self.waits.append(seconds)
-      self.t += max(0.0, seconds)
-    return event.is_set()
-
-  async def sleep(self, seconds):
-    with self._lock:
-      self.waits.append(seconds)
-      self.t += max(0.0, seconds)
-    await asyncio.sleep(0)
 
 
 def test_backoff_sleeps_count_against_the_deadline():

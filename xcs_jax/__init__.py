@@ -9,8 +9,10 @@ from xcs_jax import text
 from xcs_jax._src.budget import Budget
 from xcs_jax._src.budget import BudgetExceededError
 from xcs_jax._src.budget import budget
+from xcs_jax._src.errors import NoGradientError
 from xcs_jax._src.errors import ProviderAPIError
 from xcs_jax._src.errors import ProviderValueError
+from xcs_jax._src.errors import RuntimeClosedError
 from xcs_jax._src.errors import XCSCancelledError
 from xcs_jax._src.errors import XCSError
 from xcs_jax._src.errors import XCSExecutionError
@@ -20,10 +22,8 @@ from xcs_jax._src.jit.api import JitFunction
 from xcs_jax._src.jit.api import explain
 from xcs_jax._src.jit.api import get_jit_stats
 from xcs_jax._src.jit.api import jit
-from xcs_jax._src.primitives import NoGradientError
 from xcs_jax._src.providers.fake import FakeProviderError
 from xcs_jax._src.runtime import Runtime
-from xcs_jax._src.runtime import RuntimeClosedError
 from xcs_jax._src.runtime import current_runtime
 from xcs_jax._src.runtime import runtime
 

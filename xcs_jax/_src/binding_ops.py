@@ -174,6 +174,7 @@ class BindingOp(HostCallOp):
 
   def prepare(self, runtime):
     provider = provider_of(self.binding, runtime)
+    provider.prepare(self.binding)
     method = getattr(provider, self.method)
     binding, usage = self.binding, runtime.usage
     policy = retry.RetryPolicy(binding.get("retries"), binding.get("timeout_s"),

@@ -46,6 +46,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
+from xcs_jax._src import checks
+
 DEFAULT_SPSA_SAMPLES = 16
 ESTIMATOR_NAMES = ("central", "spsa")
 
@@ -102,8 +104,7 @@ def central(step: float | None = None) -> Central:
     >>> op = xcs_jax.host_op(np.sin, out_spec=lambda x: x, grad=xcs_jax.grad.central())
     >>> jax.grad(lambda x: op(x).sum())(jnp.ones(3))  # ~cos(1)
   """
-  _check_step(step, "central")
-  return Central(None if step is None else float(step))
+  return Central(_check_step(step, "central"))
 
 
 def spsa(n: int = DEFAULT_SPSA_SAMPLES, *, step: float | None = None,
@@ -124,18 +125,16 @@ def spsa(n: int = DEFAULT_SPSA_SAMPLES, *, step: float | None = None,
   Returns:
     An estimator for `host_op(..., grad=...)`.
   """
-  if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
-    raise ValueError(f"`xcs_jax.grad.spsa(n=...)` must be a positive int; got {n!r}.")
-  if not isinstance(seed, int) or isinstance(seed, bool):
-    raise TypeError(f"`xcs_jax.grad.spsa(seed=...)` must be an int; got {seed!r}.")
-  _check_step(step, "spsa")
-  return SPSA(n, None if step is None else float(step), seed)
+  n = checks.check_int(n, "xcs_jax.grad.spsa(n=...)", min_value=1,
+                       max_value=checks.MAX_SAMPLES)
+  seed = checks.check_seed(seed, "xcs_jax.grad.spsa(seed=...)")
+  return SPSA(n, _check_step(step, "spsa"), seed)
 
 
-def _check_step(step, who):
-  if step is not None and not (isinstance(step, (int, float)) and 0 < step < 1):
-    raise ValueError(f"`xcs_jax.grad.{who}(step=...)` must be a relative step in "
-                     f"(0, 1) or None; got {step!r}.")
+def _check_step(step, who) -> float | None:
+  return checks.check_number(step, f"xcs_jax.grad.{who}(step=...)", min_value=0,
+                             min_open=True, max_value=1, max_open=True, none_ok=True,
+                             fix="It is a relative step: x moves by step * max(|x|, 1).")
 
 
 def resolve(grad: Any, op_name: str) -> Estimator | None:

@@ -8,14 +8,21 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from xcs_jax._src import checks
 from xcs_jax._src import grad as grad_lib
 from xcs_jax._src.primitives import HostCallOp, bind_host_call, make_host_primitive
+from xcs_jax._src.providers import retry
 from xcs_jax._src.scope import Job
 from xcs_jax._src.source import user_source
 
 host_op_p = make_host_primitive("xcs_host_op")
 
 DEFAULT_CONCURRENCY = 256
+
+_X64_FIX = (
+    "JAX runs with 32-bit types unless told otherwise, so the value would silently "
+    "come back as {narrow}. Enable 64-bit types before tracing, "
+    "`jax.config.update(\"jax_enable_x64\", True)`, or declare {narrow} in `out_spec`.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,10 +41,51 @@ def _as_spec_fn(out_spec, name: str) -> Callable:
   leaves, treedef = jax.tree_util.tree_flatten(out_spec)
   bad = [l for l in leaves if not isinstance(l, jax.ShapeDtypeStruct)]
   if not leaves or bad:
-    raise TypeError(
-        f"`host_op({name}, out_spec=...)` must be a pytree of `jax.ShapeDtypeStruct` or "
-        f"a callable from the inputs' ShapeDtypeStructs to one; got {out_spec!r}.")
+    checks.fail(TypeError, f"host_op({name}, out_spec=...)",
+                "a pytree of `jax.ShapeDtypeStruct` or a callable from the inputs' "
+                "ShapeDtypeStructs to one", out_spec,
+                "Write e.g. `out_spec=jax.ShapeDtypeStruct((), jnp.float32)`.")
   return _StaticSpec(treedef, tuple(leaves))
+
+
+def _check_x64(name: str, specs) -> None:
+  """64-bit outputs need `jax_enable_x64`: else JAX would narrow them silently."""
+  if jax.config.jax_enable_x64:
+    return
+  for k, spec in enumerate(specs):
+    dtype = np.dtype(spec.dtype)
+    narrow = jax.dtypes.canonicalize_dtype(dtype)
+    if narrow != dtype:
+      raise ValueError(
+          f"`host_op({name}, out_spec=...)` declares output {k} as {dtype}. "
+          + _X64_FIX.format(narrow=np.dtype(narrow)))
+
+
+def _cast_output(name: str, k: int, x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+  """`x` as `dtype`, or a ValueError naming a value `dtype` cannot hold
+  (never a silent wrap-around, or an overflow to infinity)."""
+  if x.dtype == dtype:
+    return x
+  with np.errstate(over="ignore", invalid="ignore"):
+    cast = x.astype(dtype)
+    if dtype.kind in "iu" and x.dtype.kind in "biu":
+      info = np.iinfo(dtype)
+      bad = (x < info.min) | (x > info.max)
+      limits = f"[{info.min}, {info.max}]"
+    elif dtype.kind in "fc":
+      bad = np.isfinite(x) & ~np.isfinite(cast)
+      limits = f"+-{np.finfo(dtype).max:g}"
+    else:
+      return cast
+  if np.any(bad):
+    where = np.unravel_index(int(np.argmax(bad)), x.shape)
+    raise ValueError(
+        f"host_op `{name}` returned {x[where].item()!r} in output {k}"
+        + (f" at index {tuple(int(i) for i in where)}" if x.ndim else "")
+        + f", which its `out_spec` dtype {dtype} cannot hold (range {limits}); it "
+        f"would become {cast[where].item()!r}. Return values in range, or declare a "
+        "wider dtype in `out_spec`.")
+  return cast
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +100,7 @@ class HostFnOp(HostCallOp):
   concurrency: int
   timeout_s: float | None
   grad: grad_lib.Estimator | None = None
+  retries: int = 0
 
   kind = "host_op"
   # Python cannot stop a running function: past its timeout the call fails
@@ -91,8 +140,8 @@ class HostFnOp(HostCallOp):
     out = self.spec_fn(*in_specs)
     leaves, treedef = jax.tree_util.tree_flatten(out)
     if not leaves or not all(isinstance(l, jax.ShapeDtypeStruct) for l in leaves):
-      raise TypeError(f"`out_spec` of {self.describe()} must give a pytree of "
-                      f"jax.ShapeDtypeStruct; it gave {out!r}.")
+      checks.fail(TypeError, f"host_op({self.name}, out_spec=...)(*input_specs)",
+                  "a pytree of jax.ShapeDtypeStruct", out)
     return leaves, treedef
 
   def out_avals(self, in_avals):
@@ -105,21 +154,33 @@ class HostFnOp(HostCallOp):
                       f"{treedef}: return arrays in the structure of `out_spec`.")
     outs = []
     for k, (x, s) in enumerate(zip(leaves, specs)):
-      x = np.asarray(x)
+      x, dtype = np.asarray(x), np.dtype(s.dtype)
       want = s.shape if batch is None else (batch,) + tuple(s.shape)
-      if x.shape != tuple(want) or not np.can_cast(x.dtype, s.dtype, "same_kind"):
+      # Any integer fits any integer dtype if its values do (checked below).
+      kind_ok = np.can_cast(x.dtype, dtype, "same_kind") or (
+          x.dtype.kind in "biu" and dtype.kind in "iu")
+      if x.shape != tuple(want) or not kind_ok:
         raise TypeError(
             f"{self.describe()} returned output {k} with shape {x.shape} and dtype "
             f"{x.dtype}; `out_spec` says shape {tuple(want)} and dtype "
-            f"{np.dtype(s.dtype)}. Fix the function or its `out_spec`.")
-      outs.append(x.astype(s.dtype, copy=False))
+            f"{dtype}. Fix the function or its `out_spec`.")
+      outs.append(_cast_output(self.name, k, x, dtype))
     return outs
+
+  def _attempts(self, ctx, call: Callable) -> Any:
+    """`call()`, retried on `TransientError` up to `retries` times."""
+    if not self.retries:
+      return call()
+    policy = retry.RetryPolicy(self.retries, None, retry.transient_only,
+                               lambda e: getattr(e, "retry_after_s", None))
+    return retry.attempts(call, policy, ctx)
 
   def call_example(self, runtime, ctx, inputs):
     ctx.check()
     specs, treedef = self.out_tree(inputs)
     args = jax.tree_util.tree_unflatten(self.in_treedef, list(inputs))
-    return self._check_outputs(self.fn(*args), specs, treedef, None)
+    return self._check_outputs(self._attempts(ctx, lambda: self.fn(*args)), specs,
+                               treedef, None)
 
   def start_batch(self, scope, inputs, in_batched, n, source, on_done=None, priority=0.0):
     if not self.vectorized:
@@ -131,7 +192,8 @@ class HostFnOp(HostCallOp):
 
     def whole_batch(i, ctx):  # one call of `fn` on the whole batch
       ctx.check()
-      return self._check_outputs(self.fn(*args), specs, treedef, n)
+      return self._check_outputs(self._attempts(ctx, lambda: self.fn(*args)), specs,
+                                 treedef, n)
 
     def wrap_error(error, i):
       return self.execution_error(error, source if not isinstance(source, tuple)
@@ -157,22 +219,24 @@ def _out_tree(op: HostFnOp, signature: tuple):
 
 def host_op(fn: Callable | None = None, *, out_spec: Any, vectorized: bool = False,
             name: str | None = None, concurrency: int = DEFAULT_CONCURRENCY,
-            timeout_s: float | None = None, grad: Any = None):
+            timeout_s: float | None = None, grad: Any = None, retries: int = 0):
   """Makes a Python host function a JAX primitive.
 
   Args:
     fn: a function of numpy arrays (one example) returning arrays matching
       `out_spec`. Use as `host_op(fn, out_spec=...)` or as a decorator.
     out_spec: a pytree of `jax.ShapeDtypeStruct`, or a callable from the
-      inputs' ShapeDtypeStructs (one example) to one.
+      inputs' ShapeDtypeStructs (one example) to one. 64-bit dtypes need
+      `jax.config.update("jax_enable_x64", True)` (else a ValueError at trace
+      time, rather than values silently narrowed).
     vectorized: if True, under `vmap` `fn` is called once with the whole batch
       (every input and output gets a leading batch axis); otherwise once per
       example, concurrently on a pool of `concurrency` threads.
     name: a readable name for errors and `xcs_jax.explain` (default: fn's name).
     concurrency: calls of this op in flight at once.
-    timeout_s: per-call timeout. Python cannot stop a running function: past
-      the timeout the call raises `XCSTimeoutError` and the function finishes
-      in the background.
+    timeout_s: per-call timeout in seconds (None: none). Python cannot stop a
+      running function: past the timeout the call raises `XCSTimeoutError`
+      and the function finishes in the background.
     grad: how to differentiate through the op's float outputs (see
       `xcs_jax.grad` and docs/optimization.md): `'central'` (central
       differences), `'spsa'` (simultaneous perturbation), an estimator such as
@@ -181,10 +245,16 @@ def host_op(fn: Callable | None = None, *, out_spec: Any, vectorized: bool = Fal
       arrays (called like `fn`: per example, or batched if `vectorized`).
       The extra evaluations run as one batched, concurrent host call. Default
       None: differentiating through the op raises `NoGradientError`.
+    retries: extra attempts when `fn` raises `xcs_jax.extend.TransientError`
+      (a flaky service behind it), after exponential backoff sleeps that
+      count against `timeout_s`. Other exceptions are never retried.
 
   Returns:
     A function of JAX arrays (or pytrees of them) that works under `jax.jit`,
-    `vmap`, `pmap` and `xcs_jax.jit`.
+    `vmap`, `pmap` and `xcs_jax.jit`. Its outputs are checked against
+    `out_spec` (structure, shape, dtype kind) and cast to its dtypes; a value
+    the dtype cannot hold (2**40 for int32, 1e300 for float32) is an error,
+    never a wrapped or infinite number.
 
   Examples:
     >>> @host_op(out_spec=jax.ShapeDtypeStruct((), jnp.float32))
@@ -193,18 +263,17 @@ def host_op(fn: Callable | None = None, *, out_spec: Any, vectorized: bool = Fal
   """
   if fn is None:
     return functools.partial(host_op, out_spec=out_spec, vectorized=vectorized, name=name,
-                             concurrency=concurrency, timeout_s=timeout_s, grad=grad)
-  if not callable(fn):
-    raise TypeError(f"`host_op(fn, ...)` needs a callable `fn`; got {type(fn).__name__}.")
+                             concurrency=concurrency, timeout_s=timeout_s, grad=grad,
+                             retries=retries)
+  checks.check_callable(fn, "host_op(fn, ...)", "a callable (the host function)")
+  checks.check_str(name, "host_op(..., name=...)", none_ok=True, empty_ok=False)
   op_name = name or getattr(fn, "__name__", "host_fn")
   spec_fn = _as_spec_fn(out_spec, op_name)
-  if not isinstance(concurrency, int) or isinstance(concurrency, bool) or concurrency <= 0:
-    raise ValueError(f"`host_op({op_name}, concurrency=...)` must be a positive int; "
-                     f"got {concurrency!r}.")
-  if timeout_s is not None and (isinstance(timeout_s, bool)
-                                or not isinstance(timeout_s, (int, float)) or not timeout_s > 0):
-    raise ValueError(f"`host_op({op_name}, timeout_s=...)` must be > 0 or None; "
-                     f"got {timeout_s!r}.")
+  vectorized = checks.check_bool(vectorized, f"host_op({op_name}, vectorized=...)")
+  concurrency = checks.check_int(concurrency, f"host_op({op_name}, concurrency=...)",
+                                 min_value=1)
+  timeout_s = checks.check_seconds(timeout_s, f"host_op({op_name}, timeout_s=...)")
+  retries = checks.check_int(retries, f"host_op({op_name}, retries=...)", min_value=0)
   estimator = grad_lib.resolve(grad, op_name)
 
   def make_host_call(host_fn, host_spec, host_name):  # runs a user VJP
@@ -213,11 +282,13 @@ def host_op(fn: Callable | None = None, *, out_spec: Any, vectorized: bool = Fal
 
   @functools.wraps(fn)
   def call(*args):
-    leaves, treedef = jax.tree_util.tree_flatten(args)
-    leaves = [jax.numpy.asarray(x) for x in leaves]
-    op = HostFnOp(fn, spec_fn, treedef, bool(vectorized), op_name, concurrency, timeout_s,
-                  estimator)
+    paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(args)
+    leaves = [checks.as_jax_array(x, f"{op_name}(args{jax.tree_util.keystr(path)})")
+              for path, x in paths_leaves]
+    op = HostFnOp(fn, spec_fn, treedef, vectorized, op_name, concurrency, timeout_s,
+                  estimator, retries)
     out_avals, out_tree = op.out_tree(leaves)
+    _check_x64(op_name, out_avals)
     source = user_source()
 
     def bind(xs, in_batched, batch_ndim):

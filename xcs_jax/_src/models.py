@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import types
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 
+from xcs_jax._src import checks
 from xcs_jax._src import numeric
 from xcs_jax._src import text as text_lib
 from xcs_jax._src.binding_ops import GenerateOp, concurrency_of, generate_p, provider_of
@@ -156,13 +156,10 @@ class ModelBinding:
 
 
 def _key_data(key) -> jax.Array:
-  key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
+  key = checks.check_prng_key(key, "binding(prompts, key=...)")
   if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
     key = jax.random.key_data(key)
-  if key.dtype != jnp.uint32 or key.ndim < 1:
-    raise TypeError(f"`key` must be a JAX PRNG key (`jax.random.key(0)` or "
-                    f"`jax.random.PRNGKey(0)`); got dtype {key.dtype}, shape {key.shape}.")
-  return key
+  return jnp.asarray(key)
 
 
 def bind(spec: str, **params: Any) -> ModelBinding:
@@ -179,17 +176,22 @@ def bind(spec: str, **params: Any) -> ModelBinding:
     A hashable `ModelBinding`.
 
   Raises:
-    ValueError: malformed spec, unknown provider, unknown or invalid parameter,
-      or a provider-specific problem (such as a missing API key).
+    TypeError: a parameter of the wrong kind (`timeout_s="10"`, `seed=1.5`).
+    ValueError: malformed spec, unknown provider, unknown parameter, a value
+      out of range (`timeout_s=float("inf")`: pass None for no timeout), or a
+      provider-specific problem (such as a missing API key).
+    ImportError: the provider's SDK is not installed (the message names the
+      pip extra).
 
   Examples:
     >>> echo = bind("fake:echo", latency_s=0.0)
     >>> text.decode(echo(text.encode("hi", 16)))
     'hi'
   """
-  if not isinstance(spec, str) or ":" not in spec:
-    raise ValueError(f"`spec` must be \"provider:model\" (e.g. \"local:smollm2\"); "
-                     f"got {spec!r}.")
+  checks.check_str(spec, "bind(spec, ...)")
+  if ":" not in spec:
+    checks.fail(ValueError, "bind(spec, ...)", "\"provider:model\" (e.g. \"local:smollm2\")",
+                spec)
   provider_name, model = spec.split(":", 1)
   provider = current_runtime().provider(provider_name)
   known = {**base.COMMON_PARAMS, **provider.params}
@@ -210,36 +212,26 @@ def bind(spec: str, **params: Any) -> ModelBinding:
   return ModelBinding(provider_name, model, items)
 
 
-def _check_common(spec: str, p: Mapping[str, Any]) -> None:
-  def fail(name, expected):
-    raise ValueError(f"`bind({spec!r}, {name}=...)` must be {expected}; got {p[name]!r}.")
+def _check_common(spec: str, p: dict[str, Any]) -> None:
+  """Checks the common parameters in place, normalizing their values."""
+  def arg(name):
+    return f"bind({spec!r}, {name}=...)"
 
-  def is_int(v):
-    return isinstance(v, int) and not isinstance(v, bool)
-
-  def is_number(v):
-    return is_int(v) or (isinstance(v, float) and math.isfinite(v))
-
-  if not is_int(p["output_bytes"]) or p["output_bytes"] <= 0:
-    fail("output_bytes", "a positive int (bytes of the answer array)")
-  if not is_int(p["max_tokens"]) or p["max_tokens"] <= 0:
-    fail("max_tokens", "a positive int")
-  if p["overflow"] not in ("error", "truncate"):
-    fail("overflow", "'error' or 'truncate'")
-  if p["timeout_s"] is not None and not (is_number(p["timeout_s"]) and p["timeout_s"] > 0):
-    fail("timeout_s", "a positive number of seconds (each attempt) or None")
-  if p["deadline_s"] is not None and not (is_number(p["deadline_s"]) and p["deadline_s"] > 0):
-    fail("deadline_s", "a positive number of seconds (the whole call) or None")
-  if p["retries"] is not None and not (is_int(p["retries"]) and p["retries"] >= 0):
-    fail("retries", "an int >= 0, or None (retry transient errors until `deadline_s`)")
+  p["output_bytes"] = checks.check_int(p["output_bytes"], arg("output_bytes"), min_value=1,
+                                       max_value=checks.MAX_TEXT_BYTES,
+                                       fix="It is the capacity of the answer's byte array.")
+  p["max_tokens"] = checks.check_int(p["max_tokens"], arg("max_tokens"), min_value=1)
+  checks.check_one_of(p["overflow"], arg("overflow"), ("error", "truncate"))
+  p["timeout_s"] = checks.check_seconds(p["timeout_s"], arg("timeout_s"))
+  p["deadline_s"] = checks.check_seconds(p["deadline_s"], arg("deadline_s"))
+  p["retries"] = checks.check_int(p["retries"], arg("retries"), min_value=0, none_ok=True,
+                                  fix="None retries transient errors until `deadline_s`.")
   for name in ("rpm", "tpm"):
-    if p[name] is not None and not (is_number(p[name]) and p[name] > 0):
-      fail(name, "a positive number (per minute, to this endpoint) or None")
-  if p["cache"] not in ("auto", "memory", "disk", None):
-    fail("cache", "'auto' (cache deterministic calls in memory), 'memory', 'disk' or None")
-  if p["concurrency"] is not None and not (is_int(p["concurrency"]) and p["concurrency"] > 0):
-    fail("concurrency", "a positive int or None")
-  if not is_number(p["temperature"]) or p["temperature"] < 0:
-    fail("temperature", "a finite number >= 0")
-  if p["system_prompt"] is not None and not isinstance(p["system_prompt"], str):
-    fail("system_prompt", "a str or None")
+    p[name] = checks.check_number(p[name], arg(name), min_value=0, min_open=True,
+                                  none_ok=True, fix="It is a rate per minute to the endpoint.")
+  checks.check_one_of(p["cache"], arg("cache"), ("auto", "memory", "disk", None))
+  p["concurrency"] = checks.check_int(p["concurrency"], arg("concurrency"), min_value=1,
+                                      none_ok=True)
+  p["temperature"] = checks.check_number(p["temperature"], arg("temperature"), min_value=0)
+  checks.check_str(p["system_prompt"], arg("system_prompt"), none_ok=True)
+  p["seed"] = checks.check_seed(p["seed"], arg("seed"))

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xcs_jax._src import checks
 from xcs_jax._src import text as text_lib
 from xcs_jax._src.binding_ops import BindingOp, provider_of, text_key
 from xcs_jax._src.errors import ProviderValueError
@@ -87,29 +88,11 @@ class EmbedOp(BindingOp):
 
 
 def check_options(options: Any) -> tuple[str, ...]:
-  """`options` if it is a tuple of distinct non-empty strings; else a clear error."""
-  if not isinstance(options, tuple):
-    raise TypeError(
-        "`options` must be a tuple of strings (static: it is part of the call's "
-        f"description, like a shape); got {type(options).__name__} {options!r}. "
-        "Write `options=(\"positive\", \"negative\")`.")
-  if not options:
-    raise ValueError("`options` must hold at least one option; got an empty tuple.")
-  bad = [o for o in options if not isinstance(o, str)]
-  if bad:
-    raise TypeError(f"`options` must hold only strings; got {bad[0]!r} "
-                    f"({type(bad[0]).__name__}) in {options!r}.")
-  if any(o == "" for o in options):
-    raise ValueError(f"`options` must be non-empty strings; got {options!r}.")
-  seen, dups = set(), []
-  for o in options:
-    if o in seen:
-      dups.append(o)
-    seen.add(o)
-  if dups:
-    raise ValueError(f"`options` must be distinct; {dups[0]!r} appears more than once "
-                     f"in {options!r}.")
-  return options
+  """`options` if it is a tuple of distinct, non-empty, valid strings; else a
+  clear error (an option holding NUL could never be the model's reply)."""
+  return checks.check_str_tuple(
+      options, "options", example="options=(\"positive\", \"negative\")", distinct=True,
+      fix_kind=" (static: part of the call's description, like a shape)")
 
 
 def check_log_probs(values: Any, options: tuple[str, ...],
@@ -209,8 +192,7 @@ def score_options(binding, prompts: jax.typing.ArrayLike,
 def embed(binding, texts: jax.typing.ArrayLike, *,
           normalize: bool = True) -> jax.Array:
   """See `ModelBinding.embed`."""
-  if not isinstance(normalize, bool):
-    raise TypeError(f"`normalize` must be True or False; got {normalize!r}.")
+  normalize = checks.check_bool(normalize, "embed(texts, normalize=...)")
   texts, batch_ndim = _prepare_text(texts, "texts")
   embedding_dim(binding)  # a clear error now if the model cannot embed
   (out,) = bind_host_call(embed_p, EmbedOp(binding, normalize), [texts],

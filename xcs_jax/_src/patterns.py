@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xcs_jax._src import checks
 from xcs_jax._src import text as text_lib
 from xcs_jax._src.host_op import host_op
 from xcs_jax._src.models import ModelBinding
@@ -38,8 +39,12 @@ def ensemble(binding: ModelBinding, prompts: jax.Array, *, n: int, key: jax.Arra
   Returns:
     uint8 text array `[n, ..., output_bytes]`.
   """
-  if not isinstance(n, int) or n <= 0:
-    raise ValueError(f"`ensemble(..., n=...)` must be a positive int; got {n!r}.")
+  if not isinstance(binding, ModelBinding):
+    checks.fail(TypeError, "ensemble(binding, ...)",
+                "a ModelBinding (from `xcs_jax.models.bind`)", binding)
+  n = checks.check_int(n, "ensemble(..., n=...)", min_value=1,
+                       max_value=checks.MAX_SAMPLES)
+  checks.check_prng_key(key, "ensemble(..., key=...)")
   keys = jax.random.split(key, n)
   return jax.vmap(lambda k: binding(prompts, key=k))(keys)
 
@@ -105,6 +110,9 @@ def judge(binding: ModelBinding, question: jax.Array, answers: jax.Array) -> jax
   Returns:
     uint8 text array `[output_bytes]` of `binding`.
   """
+  if not isinstance(binding, ModelBinding):
+    checks.fail(TypeError, "judge(binding, ...)",
+                "a ModelBinding (from `xcs_jax.models.bind`)", binding)
   text_lib.check_text_array(question, "question")
   text_lib.check_text_array(answers, "answers")
   if question.ndim != 1 or answers.ndim != 2:

@@ -35,9 +35,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xcs_jax._src import callback_errors
 from xcs_jax._src import compat
 from xcs_jax._src import progress
-from xcs_jax._src.errors import XCSExecutionError, XCSError
+from xcs_jax._src.errors import NoGradientError, XCSError, XCSExecutionError, XCSTimeoutError
 from xcs_jax._src.runtime import Runtime, TraceRuntime, current_runtime
 from xcs_jax._src.scope import CallContext, Job, Scope, wait_for_job
 
@@ -153,11 +154,13 @@ class HostCallOp:
 
   def execution_error(self, error: BaseException, source: str,
                       index: int | None = None) -> XCSExecutionError:
+    """The error the user sees for `error` in this call: an `XCSExecutionError`
+    (an `XCSTimeoutError` for a timeout) naming the call, `error` its cause."""
     where = f" (batch item {index})" if index is not None else ""
-    e = XCSExecutionError(
-        f"{self.kind} call to {self.describe()} failed{where}, called at "
-        f"{source}: {type(error).__name__}: {error}",
-        op=self.kind, binding=self.describe(), source=source)
+    kind = XCSTimeoutError if isinstance(error, XCSTimeoutError) else XCSExecutionError
+    e = kind(f"{self.kind} call to {self.describe()} failed{where}, called at "
+             f"{source}: {type(error).__name__}: {error}",
+             op=self.kind, binding=self.describe(), source=source, index=index)
     e.__cause__ = error
     return e
 
@@ -166,10 +169,6 @@ class HostCallOp:
             "so jax cannot differentiate through it. Keep the float parameters "
             "you differentiate in tensor code around the call, or give the op "
             "a rule with `xcs_jax.host_op(..., grad='central' | 'spsa' | vjp_fn)`.")
-
-
-class NoGradientError(XCSError, TypeError):
-  """Differentiating through a host call that has no gradient rule."""
 
 
 def _batch_shape(shapes: Sequence[tuple], batch_ndim: int,
@@ -248,7 +247,10 @@ def _lowering(ctx, *args, op, batch_ndim, in_batched, source):
   runtime = TraceRuntime()  # XLA's threads do not see the caller's context
 
   def host(*xs):
-    return run_host_call(op, batch_ndim, in_batched, source, *xs, runtime=runtime.get())
+    try:
+      return run_host_call(op, batch_ndim, in_batched, source, *xs, runtime=runtime.get())
+    except XCSError as e:  # XLA keeps only text: make it lead with the message
+      raise callback_errors.for_xla(e, source if isinstance(source, str) else source[0])
 
   def via_callback(*xs):
     return jax.experimental.io_callback(host, result_shapes, *xs, ordered=False)

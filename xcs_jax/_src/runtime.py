@@ -21,7 +21,8 @@ import threading
 import warnings
 import weakref
 from xcs_jax._src import executor
-from xcs_jax._src.errors import XCSError
+from xcs_jax._src import checks
+from xcs_jax._src.errors import RuntimeClosedError
 from xcs_jax._src.providers import base
 from xcs_jax._src.providers import cache as cache_lib
 from xcs_jax._src.providers import ratelimit
@@ -34,10 +35,6 @@ before they are abandoned (cooperative calls stop well within it)."""
 
 _CURRENT: contextvars.ContextVar["Runtime | None"] = contextvars.ContextVar(
     "xcs_jax_runtime", default=None)
-
-
-class RuntimeClosedError(XCSError, RuntimeError):
-  """A call reached a runtime that was already closed."""
 
 
 class CallTimes:
@@ -95,30 +92,24 @@ class Runtime:
                cache_dir: str | None = None,
                cache_entries: int = cache_lib.DEFAULT_MEMORY_ENTRIES,
                budget: budget_lib.Budget | None = None):
-    if not isinstance(name, str) or not name:
-      raise ValueError(f"`xcs_jax.runtime(name=...)` must be a non-empty str; got {name!r}.")
-    if (isinstance(cancel_grace_s, bool) or not isinstance(cancel_grace_s, (int, float))
-        or not 0 <= cancel_grace_s < float("inf")):
-      raise ValueError("`xcs_jax.runtime(cancel_grace_s=...)` must be a finite number of "
-                       f"seconds >= 0; got {cancel_grace_s!r}.")
-    if not isinstance(cache, bool):
-      raise TypeError(f"`xcs_jax.runtime(cache=...)` must be True or False; got {cache!r}.")
+    self.name = checks.check_str(name, "xcs_jax.runtime(name=...)", empty_ok=False)
+    self.cancel_grace_s = checks.check_seconds(
+        cancel_grace_s, "xcs_jax.runtime(cancel_grace_s=...)", none_ok=False, zero_ok=True)
+    if clock is not None and not isinstance(clock, executor.Clock):
+      checks.fail(TypeError, "xcs_jax.runtime(clock=...)",
+                  "an `xcs_jax.extend.Clock` or None", clock)
+    self.cache_enabled = checks.check_bool(cache, "xcs_jax.runtime(cache=...)")
     if cache_dir is not None and not isinstance(cache_dir, (str, os.PathLike)):
-      raise TypeError("`xcs_jax.runtime(cache_dir=...)` must be a directory path or None; "
-                      f"got {cache_dir!r}.")
-    if isinstance(cache_entries, bool) or not isinstance(cache_entries, int) or cache_entries < 1:
-      raise ValueError("`xcs_jax.runtime(cache_entries=...)` must be an int >= 1 (answers "
-                       f"kept in memory); got {cache_entries!r}.")
+      checks.fail(TypeError, "xcs_jax.runtime(cache_dir=...)", "a directory path or None",
+                  cache_dir)
+    self._cache_entries = checks.check_int(cache_entries, "xcs_jax.runtime(cache_entries=...)",
+                                           min_value=1, fix="It counts answers kept in memory.")
     if budget is not None and not isinstance(budget, budget_lib.Budget):
-      raise TypeError("`xcs_jax.runtime(budget=...)` must be an `xcs_jax.Budget` or None; "
-                      f"got {budget!r}.")
-    self.name = name
-    self.cancel_grace_s = float(cancel_grace_s)
+      checks.fail(TypeError, "xcs_jax.runtime(budget=...)", "an `xcs_jax.Budget` or None",
+                  budget)
     self.budget = budget
     self._limiters: dict = {}
-    self.cache_enabled = cache
     self._cache_dir = None if cache_dir is None else os.path.abspath(os.fspath(cache_dir))
-    self._cache_entries = cache_entries
     self._response_cache: cache_lib.ResponseCache | None = None
     self.clock = clock or executor.REAL_CLOCK
     self.usage = UsageMeter()

@@ -10,6 +10,8 @@ from typing import Any, Sequence, Union
 
 import numpy as np
 
+from xcs_jax._src import checks
+
 TextLike = Union[str, Sequence["TextLike"]]
 
 
@@ -26,8 +28,8 @@ def _utf8_prefix(data: bytes, max_len: int) -> bytes:
 def encode_one(s: str, max_len: int, *, truncate: bool = False,
                what: str = "text") -> np.ndarray:
   if not isinstance(s, str):
-    raise TypeError(f"`{what}` must be a str; got {type(s).__name__}.")
-  data = s.encode("utf-8")
+    checks.fail(TypeError, what, "a str", s)
+  data = checks.check_utf8(s, what)
   if b"\x00" in data:
     raise ValueError(
         f"`{what}` contains a NUL character, which ends text in a byte array; "
@@ -49,9 +51,13 @@ def _shape_of(texts: Any) -> tuple[int, ...]:
     return ()
   if isinstance(texts, np.ndarray) and texts.dtype.kind in "UO":
     return texts.shape
-  if isinstance(texts, (bytes, bytearray)) or not hasattr(texts, "__iter__"):
-    raise TypeError(f"`s` must be a str or a (nested) sequence of str; found a "
-                    f"{type(texts).__name__}.")
+  if (isinstance(texts, (bytes, bytearray, dict, set, frozenset))
+      or not hasattr(texts, "__iter__")
+      or hasattr(texts, "dtype")):  # an array of numbers is not text
+    checks.fail(TypeError, "xcs_jax.text.encode(s, ...)",
+                "a str or a (nested) list or tuple of str", texts,
+                "Pass strings, e.g. `encode([\"a\", \"b\"], max_len=8)`; to read a uint8 "
+                "text array back, use `xcs_jax.text.decode`.")
   texts = list(texts)
   if not texts:
     return (0,)
@@ -76,21 +82,25 @@ def encode(s: TextLike, max_len: int, *, truncate: bool = False) -> np.ndarray:
     `jnp.asarray` or straight into jitted code.
 
   Raises:
-    ValueError: text longer than `max_len` bytes (without `truncate`).
+    ValueError: text longer than `max_len` bytes (without `truncate`), text
+      holding NUL, or text that is not valid Unicode (a lone surrogate).
     TypeError: `s` holds something that is not a string.
 
   Examples:
     >>> decode(encode("héllo", 8))
     'héllo'
   """
-  if not isinstance(max_len, (int, np.integer)) or isinstance(max_len, bool) or max_len <= 0:
-    raise ValueError(f"`max_len` must be a positive int; got {max_len!r}.")
+  max_len = checks.check_int(max_len, "xcs_jax.text.encode(s, max_len=...)", min_value=1,
+                             max_value=checks.MAX_TEXT_BYTES)
+  truncate = checks.check_bool(truncate, "xcs_jax.text.encode(..., truncate=...)")
   shape = _shape_of(s)
   flat = [s] if isinstance(s, str) else list(np.asarray(s, dtype=object).reshape(-1))
-  rows = [encode_one(t, int(max_len), truncate=truncate, what="s") for t in flat]
+  names = ["s"] if isinstance(s, str) else [f"s{list(i)}" for i in np.ndindex(shape)]
+  rows = [encode_one(t, max_len, truncate=truncate, what=name)
+          for t, name in zip(flat, names)]
   if not rows:
-    return np.zeros(shape + (int(max_len),), np.uint8)
-  return np.stack(rows).reshape(shape + (int(max_len),))
+    return np.zeros(shape + (max_len,), np.uint8)
+  return np.stack(rows).reshape(shape + (max_len,))
 
 
 def decode_one(row: np.ndarray) -> str:
@@ -107,12 +117,14 @@ def decode(arr: Any) -> Any:
   Returns a `str` for a 1-D array, a `list[str]` for 2-D, nested lists beyond.
   Invalid UTF-8 becomes U+FFFD replacement characters, never an error.
   """
+  if isinstance(arr, str) or not checks.is_array_like(arr):
+    checks.fail(TypeError, "xcs_jax.text.decode(arr)", "a uint8 text array", arr,
+                "Make text arrays with `xcs_jax.text.encode`.")
   a = np.asarray(arr)
-  if a.dtype != np.uint8:
-    raise TypeError(f"`arr` must be a uint8 text array; got dtype {a.dtype}. "
-                    "Make text arrays with `xcs_jax.text.encode`.")
-  if a.ndim == 0:
-    raise TypeError("`arr` must have at least 1 dimension (the byte axis); got a scalar.")
+  if a.dtype != np.uint8 or a.ndim == 0:
+    checks.fail(TypeError, "xcs_jax.text.decode(arr)",
+                "a uint8 text array with a byte axis (shape [..., max_len])", a,
+                "Make text arrays with `xcs_jax.text.encode`.")
   if a.ndim == 1:
     return decode_one(a)
   return [decode(x) for x in a]
@@ -120,10 +132,8 @@ def decode(arr: Any) -> Any:
 
 def check_text_array(x: Any, what: str) -> None:
   """Raises TypeError unless `x` (an array or abstract value) is uint8 with rank >= 1."""
-  dtype = getattr(x, "dtype", None)
-  shape = getattr(x, "shape", None)
-  if dtype is None or np.dtype(dtype) != np.uint8 or shape is None or len(shape) < 1:
-    got = f"dtype {dtype}, shape {shape}" if dtype is not None else type(x).__name__
-    raise TypeError(
-        f"`{what}` must be a uint8 text array of shape [..., max_len]; got {got}. "
-        "Encode strings with `xcs_jax.text.encode(s, max_len)`.")
+  dtype, shape = getattr(x, "dtype", None), getattr(x, "shape", None)
+  if not (dtype is not None and shape is not None and len(shape) >= 1
+          and checks.is_numpy_dtype(dtype) and np.dtype(dtype) == np.uint8):
+    checks.fail(TypeError, what, "a uint8 text array of shape [..., max_len]", x,
+                "Encode strings with `xcs_jax.text.encode(s, max_len)`.")

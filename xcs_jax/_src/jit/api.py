@@ -13,6 +13,7 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
+from xcs_jax._src import checks
 from xcs_jax._src import compat
 from xcs_jax._src import progress as progress_lib
 from xcs_jax._src.jit.explain import render_plan, render_profile
@@ -95,29 +96,17 @@ class JitFunction:
   def __init__(self, fun: Callable, static_argnums: Sequence[int] = (),
                static_argnames: Sequence[str] = (), max_concurrency: int | None = None,
                cache_size: int = DEFAULT_CACHE_SIZE, progress: bool = True):
-    if not callable(fun):
-      raise TypeError(f"`xcs_jax.jit(f)` needs a callable `f`; got {type(fun).__name__}.")
-    if isinstance(static_argnums, int):
-      static_argnums = (static_argnums,)
-    if isinstance(static_argnames, str):
-      static_argnames = (static_argnames,)
-    if max_concurrency is not None and (not isinstance(max_concurrency, int)
-                                        or max_concurrency <= 0):
-      raise ValueError("`xcs_jax.jit(..., max_concurrency=...)` must be a positive int "
-                       f"or None; got {max_concurrency!r}.")
+    checks.check_callable(fun, "xcs_jax.jit(f)", "a callable (the function to compile)")
+    static_argnums, static_argnames = checks.check_static_args(
+        fun, static_argnums, static_argnames)
     self.fun = fun
     self.static_argnums, self.static_argnames = _static_positions_and_names(
-        fun, tuple(static_argnums), tuple(static_argnames))
-    self.max_concurrency = max_concurrency
-    if not isinstance(cache_size, int) or isinstance(cache_size, bool) or cache_size < 1:
-      raise ValueError("`xcs_jax.jit(..., cache_size=...)` must be an int >= 1 (plans "
-                       f"kept); got {cache_size!r}.")
-    self._cache_size = cache_size
-    if not isinstance(progress, bool):
-      raise TypeError("`xcs_jax.jit(..., progress=...)` must be True (a bar for runs longer "
-                      f"than a few seconds, on a terminal or in a notebook) or False; got "
-                      f"{progress!r}.")
-    self.progress = progress
+        fun, static_argnums, static_argnames)
+    self.max_concurrency = checks.check_int(
+        max_concurrency, "xcs_jax.jit(..., max_concurrency=...)", min_value=1, none_ok=True)
+    self._cache_size = checks.check_int(cache_size, "xcs_jax.jit(..., cache_size=...)",
+                                        min_value=1, fix="It is the number of plans kept.")
+    self.progress = checks.check_bool(progress, "xcs_jax.jit(..., progress=...)")
     self._profile = Profile()
     self._cache: collections.OrderedDict = collections.OrderedDict()
     self._segments = SegmentCache()

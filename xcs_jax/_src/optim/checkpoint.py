@@ -101,10 +101,12 @@ def restore(path: str | os.PathLike, like: Any = None) -> Any:
   path = os.fspath(path)
   with np.load(path, allow_pickle=False) as f:
     if "__meta__" not in f.files:
-      raise ValueError(f"{path} was not written by `xcs_jax.optim.save` (no `__meta__`).")
+      raise ValueError(f"`restore(path)`: {path} was not written by `xcs_jax.optim.save` "
+                       "(no `__meta__`).")
     meta = json.loads(str(f["__meta__"]))
     if meta.get("format") != FORMAT_VERSION:
-      raise ValueError(f"{path} has checkpoint format {meta.get('format')!r}; this "
+      raise ValueError(f"`restore(path)`: {path} has checkpoint format "
+                       f"{meta.get('format')!r}; this "
                        f"version of xcs_jax reads format {FORMAT_VERSION}.")
     leaves = [f[f"leaf_{i:05d}"] for i in range(len(f.files) - 1)]
   if like is None:

@@ -6,17 +6,19 @@ from typing import Any, Iterator
 import jax
 import numpy as np
 
+from xcs_jax._src import checks
+
 
 def dataset_size(data: Any) -> int:
   """The shared leading dimension of every leaf of `data`."""
   leaves = jax.tree_util.tree_leaves(data)
   if not leaves:
-    raise ValueError("the dataset is empty: give a pytree of arrays with a leading "
-                     "example axis, e.g. {'x': x, 'y': y}.")
+    raise ValueError("`data` (the dataset) is empty: give a pytree of arrays with a "
+                     "leading example axis, e.g. {'x': x, 'y': y}.")
   sizes = {np.shape(leaf)[0] if np.ndim(leaf) else None for leaf in leaves}
   if len(sizes) != 1 or None in sizes:
-    raise ValueError("every leaf of the dataset must have the same leading (example) "
-                     f"axis; got leading sizes {sorted(map(str, sizes))}.")
+    raise ValueError("every leaf of `data` (the dataset) must have the same leading "
+                     f"(example) axis; got leading sizes {sorted(map(str, sizes))}.")
   return sizes.pop()
 
 
@@ -35,8 +37,12 @@ def minibatches(data: Any, batch_size: int, *, key: jax.Array | None = None,
     pytrees like `data` with leading axis `batch_size`.
   """
   n = dataset_size(data)
-  if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size <= 0:
-    raise ValueError(f"`batch_size` must be a positive int; got {batch_size!r}.")
+  batch_size = checks.check_int(batch_size, "minibatches(data, batch_size=...)",
+                                min_value=1)
+  drop_remainder = checks.check_bool(drop_remainder,
+                                     "minibatches(..., drop_remainder=...)")
+  if key is not None:
+    checks.check_prng_key(key, "minibatches(..., key=...)")
   if batch_size > n and drop_remainder:
     raise ValueError(f"`batch_size={batch_size}` is larger than the dataset ({n} "
                      "examples): lower it, or pass `drop_remainder=False`.")

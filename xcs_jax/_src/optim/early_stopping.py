@@ -4,6 +4,8 @@ from __future__ import annotations
 import math
 from typing import Callable, NamedTuple
 
+from xcs_jax._src import checks
+
 
 class EarlyStoppingState(NamedTuple):
   best: float       # best monitored value so far
@@ -34,12 +36,11 @@ def early_stopping(patience: int, *, monitor: str = "loss", mode: str = "min",
   Returns:
     An `EarlyStopping` for `fit(..., early_stopping=...)`.
   """
-  if not isinstance(patience, int) or isinstance(patience, bool) or patience < 1:
-    raise ValueError(f"`early_stopping(patience=...)` must be an int >= 1; got {patience!r}.")
-  if mode not in ("min", "max"):
-    raise ValueError(f"`early_stopping(mode=...)` must be 'min' or 'max'; got {mode!r}.")
-  if not min_delta >= 0:
-    raise ValueError(f"`early_stopping(min_delta=...)` must be >= 0; got {min_delta!r}.")
+  patience = checks.check_int(patience, "early_stopping(patience=...)", min_value=1)
+  checks.check_str(monitor, "early_stopping(monitor=...)", empty_ok=False)
+  checks.check_one_of(mode, "early_stopping(mode=...)", ("min", "max"))
+  min_delta = checks.check_number(min_delta, "early_stopping(min_delta=...)", min_value=0)
+  restore_best = checks.check_bool(restore_best, "early_stopping(restore_best=...)")
   sign = 1.0 if mode == "min" else -1.0
 
   def init() -> EarlyStoppingState:

@@ -9,6 +9,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from xcs_jax._src import checks
 from xcs_jax._src.jit.api import jit as xcs_jit
 from xcs_jax._src.optim.data import dataset_size, minibatches, num_batches
 from xcs_jax._src.optim.early_stopping import EarlyStopping
@@ -69,16 +70,20 @@ def fit(step: Callable[..., StepOutput], params: optax.Params, opt_state: optax.
   Returns:
     A `FitResult`.
   """
-  if not isinstance(num_epochs, int) or isinstance(num_epochs, bool) or num_epochs < 1:
-    raise ValueError(f"`fit(num_epochs=...)` must be a positive int; got {num_epochs!r}.")
+  checks.check_callable(step, "fit(step, ...)", "a step function (e.g. from `make_step`)")
+  num_epochs = checks.check_int(num_epochs, "fit(num_epochs=...)", min_value=1)
   if early_stopping is not None and not isinstance(early_stopping, EarlyStopping):
-    raise TypeError("`fit(early_stopping=...)` must come from "
-                    "`xcs_jax.optim.early_stopping(...)`; got "
-                    f"{type(early_stopping).__name__}.")
-  if key is None or not hasattr(key, "dtype"):
-    raise TypeError("`fit(key=...)` must be a JAX PRNG key, e.g. `key=jax.random.key(0)` "
-                    "(shuffling and each step's key derive from it); got "
-                    f"{key!r}.")
+    checks.fail(TypeError, "fit(early_stopping=...)", "an `EarlyStopping` or None",
+                early_stopping, "Make one with `xcs_jax.optim.early_stopping(...)`.")
+  checks.check_prng_key(key, "fit(key=...)")
+  batch_size = checks.check_int(batch_size, "fit(batch_size=...)", min_value=1,
+                                none_ok=True)
+  checks.check_callable(eval_fn, "fit(eval_fn=...)", "a callable `eval_fn(params) -> dict`",
+                        none_ok=True)
+  checks.check_callable(jit, "fit(jit=...)", "a callable that compiles `step`",
+                        none_ok=True)
+  progress = checks.check_bool(progress, "fit(progress=...)")
+  checks.check_str(desc, "fit(desc=...)")
   n = dataset_size(data)
   batch_size = n if batch_size is None else batch_size
   steps_per_epoch = num_batches(n, batch_size) if batch_size <= n else 0

@@ -26,6 +26,8 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from xcs_jax._src import checks
+
 BASELINES = ("leave_one_out", "mean", "none")
 
 
@@ -43,6 +45,8 @@ def sample_choices(key: jax.Array, logits: jax.Array, num_samples: int) -> jax.A
   Returns:
     int32 `[num_samples, *logits.shape[:-1]]`.
   """
+  num_samples = checks.check_int(num_samples, "sample_choices(..., num_samples=...)",
+                                min_value=1, max_value=checks.MAX_SAMPLES)
   logits = jnp.asarray(logits)
   shape = (num_samples,) + logits.shape[:-1]
   return jax.random.categorical(key, logits, axis=-1, shape=shape).astype(jnp.int32)
@@ -68,8 +72,9 @@ def _baseline(losses: jax.Array, baseline: Any) -> jax.Array:
       return jnp.full_like(losses, jnp.mean(losses))
     if baseline == "none":
       return jnp.zeros_like(losses)
-    raise ValueError(f"`baseline` must be one of {', '.join(map(repr, BASELINES))} or an "
-                     f"array of baseline values; got {baseline!r}.")
+    checks.fail(ValueError, "score_function_loss(..., baseline=...)",
+                f"one of {', '.join(map(repr, BASELINES))} or an array of baseline values",
+                baseline)
   return jnp.broadcast_to(jnp.asarray(baseline, losses.dtype), losses.shape)
 
 
@@ -133,9 +138,13 @@ def reinforce(loss_of_choice: Callable[[jax.Array], jax.Array], logits: jax.Arra
     ...                   has_aux=True)
     ...   return out.loss, {"acc": out.aux.mean()}
   """
-  if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
-    raise ValueError(f"`num_samples` must be a positive int; got {num_samples!r}.")
-  logits = jnp.asarray(logits)
+  checks.check_callable(loss_of_choice, "reinforce(loss_of_choice, ...)",
+                        "a callable `loss_of_choice(choice) -> loss`")
+  num_samples = checks.check_int(num_samples, "reinforce(..., num_samples=...)",
+                                 min_value=1, max_value=checks.MAX_SAMPLES)
+  has_aux = checks.check_bool(has_aux, "reinforce(..., has_aux=...)")
+  checks.check_prng_key(key, "reinforce(..., key=...)")
+  logits = jnp.asarray(checks.check_array(logits, "reinforce(..., logits=...)"))
   if logits.ndim < 1 or not jnp.issubdtype(logits.dtype, jnp.floating):
     raise TypeError(f"`logits` must be a float array [..., K]; got dtype {logits.dtype} "
                     f"and shape {logits.shape}.")

@@ -45,14 +45,24 @@ _NO_EMBEDDINGS = (
     "base_url=...)`).")
 
 
+def _make_client(*, base_url, api_key: sdk.Secret, timeout, max_retries):
+  client = sdk.import_sdk("anthropic", _EXTRA).AsyncAnthropic(
+      base_url=base_url, api_key=api_key.reveal(), timeout=timeout, max_retries=max_retries)
+  # The SDK imports its resources on first use: now, not inside a call's deadline.
+  _ = client.messages
+  return client
+
+
 class AnthropicProvider(base.Provider):
   name = "anthropic"
   default_concurrency = 16
   params = {"base_url": None, "api_key_env": "ANTHROPIC_API_KEY"}
 
   def __init__(self):
-    self._clients = sdk.ClientCache(
-        "anthropic", lambda **kw: sdk.import_sdk("anthropic", _EXTRA).AsyncAnthropic(**kw))
+    self._clients = sdk.ClientCache("anthropic", _make_client)
+
+  def prepare(self, binding) -> None:
+    self._clients.get(binding)  # made before any call's deadline starts
 
   def close(self, runtime) -> None:
     self._clients.close_on(runtime)

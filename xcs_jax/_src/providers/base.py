@@ -110,8 +110,15 @@ class Provider:
       return f"{self.name}@{binding.get('base_url') or 'default'}"
     return self.name
 
-  def validate(self, model: str, params: Mapping[str, Any]) -> None:
-    """Checks a binding when it is made (e.g. that its API key is set)."""
+  def validate(self, model: str, params: dict[str, Any]) -> None:
+    """Checks a binding's parameters when it is made (e.g. that its API key is
+    set); may normalize values in `params` (every parameter, defaults
+    included). Raise TypeError / ValueError as `xcs_jax._src.checks` does."""
+
+  def prepare(self, binding) -> None:
+    """Called before a batch of the binding's calls starts, outside their
+    deadlines: make what the calls need (an SDK client, which imports parts
+    of its SDK), so no call's timeout pays for it."""
 
   def generate(self, binding, prompt: str, seed: int, ctx: CallContext) -> Completion:
     raise NotImplementedError(f"provider `{self.name}` cannot generate text")

@@ -49,6 +49,7 @@ import threading
 
 import numpy as np
 
+from xcs_jax._src import checks
 from xcs_jax._src.providers import base
 
 MODELS = ("echo", "upper", "choice")
@@ -69,23 +70,25 @@ class FakeProvider(base.Provider):
 
   def validate(self, model, params):
     if model not in MODELS:
-      raise ValueError(f"unknown fake model {model!r}: expected one of "
-                       f"{', '.join(MODELS)} (e.g. \"fake:echo\").")
-    if not isinstance(params["latency_s"], (int, float)) or params["latency_s"] < 0:
-      raise ValueError(f"`latency_s` must be a number >= 0; got {params['latency_s']!r}.")
-    choices = params["choices"]
-    if not (isinstance(choices, tuple) and choices and all(isinstance(c, str) for c in choices)):
-      raise ValueError(f"`choices` must be a non-empty tuple of str; got {choices!r}.")
-    bias = params["option_bias"]
-    if not (isinstance(bias, tuple) and all(isinstance(x, (int, float)) for x in bias)):
-      raise ValueError(f"`option_bias` must be a tuple of numbers; got {bias!r}.")
-    rate = params["transient_rate"]
-    if (isinstance(rate, bool) or not isinstance(rate, (int, float))
-        or not 0.0 <= rate < 1.0):
-      raise ValueError(f"`transient_rate` must be a number in [0, 1); got {rate!r}.")
-    dim = params["embedding_dim"]
-    if not isinstance(dim, int) or isinstance(dim, bool) or dim <= 0:
-      raise ValueError(f"`embedding_dim` must be a positive int; got {dim!r}.")
+      raise ValueError(f"`bind('fake:{model}')`: unknown fake model {model!r}; expected "
+                       f"one of {', '.join(MODELS)} (e.g. \"fake:echo\").")
+
+    def arg(name):
+      return f"bind('fake:{model}', {name}=...)"
+
+    params["latency_s"] = checks.check_seconds(params["latency_s"], arg("latency_s"),
+                                               none_ok=False, zero_ok=True)
+    checks.check_str(params["fail_on"], arg("fail_on"), none_ok=True)
+    params["transient_failures"] = checks.check_int(
+        params["transient_failures"], arg("transient_failures"), min_value=0)
+    params["transient_rate"] = checks.check_number(
+        params["transient_rate"], arg("transient_rate"), min_value=0.0, max_value=1.0,
+        max_open=True)
+    checks.check_str_tuple(params["choices"], arg("choices"), example="choices=(\"yes\", \"no\")")
+    checks.check_number_tuple(params["option_bias"], arg("option_bias"))
+    params["embedding_dim"] = checks.check_int(params["embedding_dim"], arg("embedding_dim"),
+                                               min_value=1,
+                                               max_value=checks.MAX_EMBEDDING_DIM)
 
   def __init__(self):
     self._attempts: collections.OrderedDict = collections.OrderedDict()

@@ -54,6 +54,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from xcs_jax._src import checks
 from xcs_jax._src.errors import XCSTimeoutError
 from xcs_jax._src.scope import CallContext
 from xcs_jax._src.providers import base
@@ -240,7 +241,7 @@ class LocalProvider(base.Provider):
 
   def validate(self, model, params):
     spec = f"local:{model}"
-    sdk.check_installed("llama_cpp", _EXTRA)
+    sdk.import_sdk("llama_cpp", _EXTRA)  # now, not inside the first call's deadline
     path = params["model_path"]
     if path is None:
       if model != DEFAULT_MODEL:
@@ -249,24 +250,28 @@ class LocalProvider(base.Provider):
             f"\"local:{DEFAULT_MODEL}\", or name any GGUF file with "
             f"`bind(\"local:<name>\", model_path=\"/path/to/model.gguf\")`.")
       path = default_model_path()
-    elif not (isinstance(path, str) and os.path.isfile(path)):
-      raise ValueError(f"`bind({spec!r}, model_path=...)` must be an existing GGUF "
-                       f"file; got {path!r}.")
-    if not gguf.has_chat_template(path):
+    else:
+      checks.check_str(path, f"bind({spec!r}, model_path=...)", empty_ok=False,
+                       nul_ok=False)
+      if not os.path.isfile(path):
+        checks.fail(ValueError, f"bind({spec!r}, model_path=...)",
+                    "the path of an existing GGUF file", path)
+    try:
+      has_template = gguf.has_chat_template(path)
+    except ValueError as e:  # not a GGUF file
+      raise ValueError(f"`bind({spec!r}, model_path=...)`: {e}") from None
+    if not has_template:
       raise ValueError(
           f"the GGUF file {path!r} has no chat template (`tokenizer.chat_template`), "
           "which the local provider formats prompts with: use an instruct/chat model.")
     for name, low in (("pool_size", 1), ("n_ctx", 64)):
-      if not isinstance(params[name], int) or params[name] < low:
-        raise ValueError(f"`bind({spec!r}, {name}=...)` must be an int >= {low}; "
-                         f"got {params[name]!r}.")
-    n_threads = params["n_threads"]
-    if n_threads is not None and not (isinstance(n_threads, int) and n_threads > 0):
-      raise ValueError(f"`bind({spec!r}, n_threads=...)` must be a positive int or "
-                       f"None; got {n_threads!r}.")
-    if not isinstance(params["reuse_prompt_state"], bool):
-      raise ValueError(f"`bind({spec!r}, reuse_prompt_state=...)` must be a bool; "
-                       f"got {params['reuse_prompt_state']!r}.")
+      params[name] = checks.check_int(params[name], f"bind({spec!r}, {name}=...)",
+                                      min_value=low)
+    params["n_threads"] = checks.check_int(params["n_threads"],
+                                           f"bind({spec!r}, n_threads=...)", min_value=1,
+                                           none_ok=True)
+    params["reuse_prompt_state"] = checks.check_bool(
+        params["reuse_prompt_state"], f"bind({spec!r}, reuse_prompt_state=...)")
 
   # -- instances ---------------------------------------------------------------
 

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from xcs_jax._src import checks
 from xcs_jax._src.providers import base
 from xcs_jax._src.providers import sdk
 
@@ -75,6 +76,14 @@ _NO_ECHO_LOGPROBS = (
     "loaded with `logits_all`). Use the `local` provider for exact log-probabilities.")
 
 
+def _make_client(*, base_url, api_key: sdk.Secret, timeout, max_retries):
+  client = sdk.import_sdk("openai", _EXTRA).AsyncOpenAI(
+      base_url=base_url, api_key=api_key.reveal(), timeout=timeout, max_retries=max_retries)
+  # The SDK imports its resources on first use: now, not inside a call's deadline.
+  _ = (client.chat.completions, client.completions, client.embeddings)
+  return client
+
+
 class OpenAIProvider(base.Provider):
   name = "openai"
   default_concurrency = 16
@@ -82,8 +91,10 @@ class OpenAIProvider(base.Provider):
             "score_template": None}
 
   def __init__(self):
-    self._clients = sdk.ClientCache(
-        "openai", lambda **kw: sdk.import_sdk("openai", _EXTRA).AsyncOpenAI(**kw))
+    self._clients = sdk.ClientCache("openai", _make_client)
+
+  def prepare(self, binding) -> None:
+    self._clients.get(binding)  # made before any call's deadline starts
 
   def close(self, runtime) -> None:
     self._clients.close_on(runtime)
@@ -91,17 +102,16 @@ class OpenAIProvider(base.Provider):
   def validate(self, model, params):
     spec = f"openai:{model}"
     sdk.check_endpoint(spec, params, "openai", _EXTRA)
-    dim = params["embedding_dim"]
-    if dim is not None and not (isinstance(dim, int) and dim > 0):
-      raise ValueError(f"`bind({spec!r}, embedding_dim=...)` must be a positive int or "
-                       f"None; got {dim!r}.")
-    template = params["score_template"]
-    if template is not None and not (isinstance(template, str)
-                                     and template.count("{reply}") == 1
+    params["embedding_dim"] = checks.check_int(
+        params["embedding_dim"], f"bind({spec!r}, embedding_dim=...)", min_value=1,
+        max_value=checks.MAX_EMBEDDING_DIM, none_ok=True)
+    what = f"bind({spec!r}, score_template=...)"
+    template = checks.check_str(params["score_template"], what, none_ok=True)
+    if template is not None and not (template.count("{reply}") == 1
                                      and "{prompt}" in template):
-      raise ValueError(f"`bind({spec!r}, score_template=...)` must be a str with "
-                       "{prompt} and exactly one {reply} field (and optionally "
-                       f"{{system}}), e.g. CHATML; got {template!r}.")
+      checks.fail(ValueError, what, "a str with {prompt} and exactly one {reply} field "
+                  "(and optionally {system})", template,
+                  "See `xcs_jax.models.CHATML` for ChatML models.")
 
   # -- client and one request --------------------------------------------------
 

@@ -26,6 +26,7 @@ import time
 from typing import Any, Callable
 
 from xcs_jax._src.errors import XCSCancelledError, XCSTimeoutError
+from xcs_jax._src.providers.base import TransientError
 from xcs_jax._src.scope import CallContext
 
 BASE_DELAY_S = 0.05
@@ -59,7 +60,9 @@ class RetryPolicy:
       return None
     if not self.is_transient(error):
       return None
-    wait = random.uniform(0, min(self.max_delay_s, self.base_delay_s * 2 ** (attempt + 1)))
+    # The exponent is capped: 2 ** 1100 would not convert to a float.
+    growth = 2.0 ** min(attempt + 1, 64)
+    wait = random.uniform(0, min(self.max_delay_s, self.base_delay_s * growth))
     asked = self.retry_after(error)
     if asked is not None:
       wait = max(wait, float(asked))
@@ -133,6 +136,30 @@ def _give_up(error: BaseException, delay: float | None, attempts: int,
   timeout.args = (f"{timeout.args[0]} after {attempts} attempt(s); the last one failed: "
                   f"{type(error).__name__}: {error}",)
   return timeout
+
+
+def transient_only(error: BaseException) -> bool:
+  """The retry rule of host functions: only an explicit `TransientError`."""
+  return isinstance(error, TransientError)
+
+
+def attempts(call: Callable[[], Any], policy: RetryPolicy, ctx: CallContext) -> Any:
+  """`call()` retried per `policy`, without usage accounting (host functions)."""
+  attempt = 0
+  while True:
+    ctx.check()
+    try:
+      return call()
+    except Exception as e:
+      delay = policy.delay(e, attempt, ctx)
+      if delay is None or delay == math.inf:
+        final = _give_up(e, delay, attempt + 1, ctx)
+        if final is e:
+          raise
+        raise final from e
+      ctx.retrying(e, delay)
+    ctx.sleep(delay)
+    attempt += 1
 
 
 def run(request: Request, ctx: CallContext) -> Any:

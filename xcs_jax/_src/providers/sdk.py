@@ -5,6 +5,8 @@ their provider is made, never by `import xcs_jax` (which stays fast and
 works without them), and never inside a call (an import would count
 against the call's timeout and, for async clients, block the event loop);
 a missing one is an `ImportError` naming the pip extra that installs it.
+SDK clients, whose making imports more of their SDK (0.27 s for anthropic's
+here), are made by `Provider.prepare` before a batch's calls start.
 
 The openai and anthropic providers use the SDKs' async clients on the
 runtime's event loop: a cancelled, timed-out or interrupted request is
@@ -15,18 +17,21 @@ API keys are read from the environment only when a client is made. Bindings
 hold the variable's *name*, never its value, and no error, repr or log line
 this library writes contains the value: SDK errors whose text contains the
 key are replaced by a redacted copy (some servers echo a wrong key back).
+In between, the key is a `Secret`, whose repr and str are redacted, so no
+frame of the library holds it as a plain str (error reporters that capture
+locals, such as Sentry or rich, print none).
 """
 from __future__ import annotations
 
 import email.utils
 import hashlib
 import importlib
-import importlib.util
 import os
 import threading
 import time
 from typing import Any, Awaitable, Callable
 
+from xcs_jax._src import checks
 from xcs_jax._src.errors import ProviderAPIError, XCSTimeoutError
 from xcs_jax._src.scope import CallContext
 
@@ -44,21 +49,17 @@ def import_sdk(module: str, extra: str) -> Any:
         f"pip install 'xcs_jax[{extra}]'") from e
 
 
-def check_installed(module: str, extra: str) -> None:
-  """Like `import_sdk`, without importing (for bind-time checks)."""
-  if importlib.util.find_spec(module) is None:
-    raise ImportError(
-        f"xcs_jax needs the `{module}` package for this provider: "
-        f"pip install 'xcs_jax[{extra}]'")
-
-
 def check_api_key_env(spec: str, api_key_env: str | None) -> None:
   """Raises a ValueError naming the variable and the fix when it is unset."""
   if api_key_env is None:
     return
-  if not isinstance(api_key_env, str) or not api_key_env:
-    raise ValueError(f"`bind({spec!r}, api_key_env=...)` must be the name of an "
-                     f"environment variable or None; got {api_key_env!r}.")
+  if not isinstance(api_key_env, str):
+    checks.fail(TypeError, f"bind({spec!r}, api_key_env=...)",
+                "the name of an environment variable (a str) or None", api_key_env)
+  if not api_key_env or "=" in api_key_env or "\x00" in api_key_env:
+    checks.fail(ValueError, f"bind({spec!r}, api_key_env=...)",
+                "the name of an environment variable or None", api_key_env)
+  checks.check_utf8(api_key_env, f"bind({spec!r}, api_key_env=...)")
   if not os.environ.get(api_key_env):
     raise ValueError(
         f"`bind({spec!r})` reads its API key from the environment variable "
@@ -73,37 +74,70 @@ def check_endpoint(spec: str, params: dict, module: str, extra: str) -> None:
   any call's deadline starts), key variable, base_url."""
   import_sdk(module, extra)
   check_api_key_env(spec, params["api_key_env"])
-  if params["base_url"] is not None and not isinstance(params["base_url"], str):
-    raise ValueError(f"`bind({spec!r}, base_url=...)` must be a URL string or None; "
-                     f"got {params['base_url']!r}.")
+  checks.check_str(params["base_url"], f"bind({spec!r}, base_url=...)", none_ok=True,
+                   empty_ok=False, nul_ok=False)
 
 
-def read_api_key(spec: str, api_key_env: str | None) -> str:
-  """The key in `api_key_env` (a placeholder when None). Never log the result."""
+class Secret:
+  """An API key that never shows itself.
+
+  Its `repr` and `str` are redacted and it cannot be pickled, so a frame
+  holding it (as error reporters that capture locals see them) shows no key.
+  `reveal()` hands the value straight to the SDK client that needs it; the
+  library keeps it in no variable of its own.
+  """
+
+  __slots__ = ("_value",)
+
+  def __init__(self, value: str):
+    self._value = value
+
+  def reveal(self) -> str:
+    return self._value
+
+  @property
+  def sent(self) -> bool:
+    """Whether a real key is sent (not the placeholder of an open endpoint)."""
+    return bool(self._value) and self._value != NO_AUTH_PLACEHOLDER
+
+  def fingerprint(self) -> str:
+    """A short digest that tells keys apart (for caches) without revealing them."""
+    return hashlib.sha256(self._value.encode()).hexdigest()[:16]
+
+  def redact(self, text: str) -> str:
+    """`text` with every occurrence of the key cut out."""
+    return text.replace(self._value, "[redacted]") if self.sent else text
+
+  def __repr__(self) -> str:
+    return "Secret('[redacted]')"
+
+  __str__ = __repr__
+
+  def __reduce__(self):
+    raise TypeError("an API key (xcs_jax Secret) cannot be pickled")
+
+
+def read_api_key(spec: str, api_key_env: str | None) -> Secret:
+  """The key in `api_key_env` (a placeholder when None), as a `Secret`."""
   if api_key_env is None:
-    return NO_AUTH_PLACEHOLDER
+    return Secret(NO_AUTH_PLACEHOLDER)
   check_api_key_env(spec, api_key_env)
-  return os.environ[api_key_env]
+  return Secret(os.environ[api_key_env])
 
 
-def key_fingerprint(key: str) -> str:
-  """A short digest that tells keys apart (for caches) without revealing them."""
-  return hashlib.sha256(key.encode()).hexdigest()[:16]
-
-
-def redact(error: BaseException, secret: str | None) -> BaseException:
+def redact(error: BaseException, secret: Secret | None) -> BaseException:
   """`error` itself for an endpoint without a key; otherwise a `ProviderAPIError`
   copy of its type, status and text with the key cut out.
 
   An SDK error keeps the request (and its `Authorization` header) as an
   attribute, so it must not travel on (as a cause) when a key was sent.
   """
-  if not secret or secret == NO_AUTH_PLACEHOLDER:
+  if secret is None or not secret.sent:
     return error
   status = getattr(error, "status_code", None)
-  clean = str(error).replace(secret, "[redacted]")
   return ProviderAPIError(f"{type(error).__name__}"
-                          f"{f' (HTTP {status})' if status else ''}: {clean}")
+                          f"{f' (HTTP {status})' if status else ''}: "
+                          f"{secret.redact(str(error))}")
 
 
 TRANSIENT_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504, 529})
@@ -175,7 +209,7 @@ def classify(error: BaseException, cause: BaseException, connection_errors: tupl
 async def request(send: Callable[[float | None], Awaitable[Any]], *, ctx: CallContext,
                   timeout_errors: tuple[type[BaseException], ...],
                   connection_errors: tuple[type[BaseException], ...] = (),
-                  secret: str | None, what: str) -> Any:
+                  secret: Secret | None, what: str) -> Any:
   """`await send(timeout)`: one SDK request (one attempt), bounded by `ctx`'s
   deadline.
 
@@ -225,9 +259,10 @@ class ClientCache:
   """One SDK client per (base_url, api_key_env, key, timeout_s).
 
   `make(base_url=, api_key=, timeout=, max_retries=0)` builds a client (its
-  retries off: the runtime retries, see `retry.py`); the
-  key is read from the binding's `api_key_env` each time a client is looked
-  up, so a changed variable takes effect (the cache holds a digest of it).
+  retries off: the runtime retries, see `retry.py`; `api_key` is a `Secret`:
+  reveal it only in the client's constructor call); the key is read from the
+  binding's `api_key_env` each time a client is looked up, so a changed
+  variable takes effect (the cache holds a digest).
   Each provider instance (so each runtime) has its own cache; async clients
   are used only on their runtime's event loop.
   """
@@ -238,12 +273,12 @@ class ClientCache:
     self._clients: dict[tuple, Any] = {}
     self._lock = threading.Lock()
 
-  def get(self, binding) -> tuple[Any, str]:
-    """(client, key) for `binding`."""
+  def get(self, binding) -> tuple[Any, Secret]:
+    """(client, key) for `binding`; makes the client on first use (call it
+    before a call's deadline starts: making one imports parts of the SDK)."""
     p = binding.options
     key = read_api_key(f"{self._provider}:{binding.model}", p["api_key_env"])
-    cache_key = (p["base_url"], p["api_key_env"], key_fingerprint(key),
-                 p["timeout_s"])
+    cache_key = (p["base_url"], p["api_key_env"], key.fingerprint(), p["timeout_s"])
     with self._lock:
       client = self._clients.get(cache_key)
       if client is None:
