@@ -33,7 +33,7 @@ $(WHEELHOUSE)/.built:
 $(VENV)/.installed: pyproject.toml $(WHEELHOUSE)/.built
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q --find-links $(WHEELHOUSE) -e '.[local,openai,anthropic,server,test]'
+	$(PIP) install -q --find-links $(WHEELHOUSE) -e '.[local,openai,anthropic,server,ray,test]'
 	touch $@
 
 demo: $(VENV)/.installed
@@ -44,7 +44,7 @@ test: $(VENV)/.installed
 
 # Without the real model and server: seconds, for the edit-test loop.
 test-fast: $(VENV)/.installed
-	$(PY) -m pytest -q tests -m "not local_model and not server"
+	$(PY) -m pytest -q tests -m "not local_model and not server and not ray"
 
 # The long profiles of the fuzz suite (10,000 examples per property) and the
 # fault suite (100,000 calls at 10% injected faults); prints their figures.

@@ -156,7 +156,7 @@ class BindingOp(HostCallOp):
   deadline_name = "deadline_s"
 
   def is_async(self, runtime):
-    return base.is_async_method(getattr(provider_of(self.binding, runtime), self.method))
+    return base.is_async_method(self._method(runtime))
 
   def cache_namespace(self, runtime) -> str:
     """The part of every cache key of this op that names the model and the
@@ -172,10 +172,17 @@ class BindingOp(HostCallOp):
     key = None if mode is None else (namespace,) + self.cache_args(inputs)
     return Prepared(inputs, key, mode == "disk")
 
+  def _method(self, runtime):
+    """The provider method a call runs: here, or on a Ray actor (`executor="ray"`)."""
+    if runtime.remote is not None:
+      return runtime.remote.provider_method(self.binding.provider, self.method)
+    return getattr(provider_of(self.binding, runtime), self.method)
+
   def prepare(self, runtime):
     provider = provider_of(self.binding, runtime)
-    provider.prepare(self.binding)
-    method = getattr(provider, self.method)
+    if runtime.remote is None:
+      provider.prepare(self.binding)     # clients live in the actors otherwise
+    method = self._method(runtime)
     binding, usage = self.binding, runtime.usage
     policy = retry.RetryPolicy(binding.get("retries"), binding.get("timeout_s"),
                                provider.is_transient, provider.retry_after)

@@ -182,6 +182,16 @@ class HostFnOp(HostCallOp):
     return self._check_outputs(self._attempts(ctx, lambda: self.fn(*args)), specs,
                                treedef, None)
 
+  def is_async(self, runtime):
+    return runtime.remote is not None     # awaited on the driver's loop, run on Ray
+
+  async def acall_example(self, runtime, ctx, inputs):
+    ctx.check()
+    specs, treedef = self.out_tree(inputs)
+    args = jax.tree_util.tree_unflatten(self.in_treedef, list(inputs))
+    out = await runtime.remote.run_function(self.fn, tuple(args), self.retries)
+    return self._check_outputs(out, specs, treedef, None)
+
   def start_batch(self, scope, inputs, in_batched, n, source, on_done=None, priority=0.0):
     if not self.vectorized:
       return super().start_batch(scope, inputs, in_batched, n, source, on_done, priority)
@@ -190,17 +200,24 @@ class HostFnOp(HostCallOp):
     specs, treedef = self.out_tree([x[0] for x in full])
     args = jax.tree_util.tree_unflatten(self.in_treedef, full)
 
-    def whole_batch(i, ctx):  # one call of `fn` on the whole batch
-      ctx.check()
-      return self._check_outputs(self._attempts(ctx, lambda: self.fn(*args)), specs,
-                                 treedef, n)
+    remote = scope.runtime.remote
+    if remote is None:
+      def whole_batch(i, ctx):  # one call of `fn` on the whole batch
+        ctx.check()
+        return self._check_outputs(self._attempts(ctx, lambda: self.fn(*args)), specs,
+                                   treedef, n)
+    else:
+      async def whole_batch(i, ctx):
+        ctx.check()
+        out = await remote.run_function(self.fn, tuple(args), self.retries)
+        return self._check_outputs(out, specs, treedef, n)
 
     def wrap_error(error, i):
       return self.execution_error(error, source if not isinstance(source, tuple)
                                   else source[0])
 
     key, limit = self.limit(scope.runtime)
-    return Job(scope, 1, whole_batch, limit_key=key, limit=limit,
+    return Job(scope, 1, whole_batch, limit_key=key, limit=limit, is_async=remote is not None,
                timeout_s=self.timeout_s, hard_timeout=True, release_on_abandon=True,
                wrap_error=wrap_error, on_done=on_done, op=self, source=source,
                priority=priority).start()

@@ -52,6 +52,10 @@ class ModelBinding:
     # every call, and hashing all its parameters each time costs microseconds.
     return self._hash
 
+  def __reduce__(self):
+    # Pickled as its fields (a Ray actor receives bindings), not its caches.
+    return (ModelBinding, (self.provider, self.model, self.params))
+
   @property
   def options(self) -> dict[str, Any]:
     """Every parameter by name (a copy)."""

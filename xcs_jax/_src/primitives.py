@@ -145,7 +145,8 @@ class HostCallOp:
     return Job(scope, n, item, limit_key=key, limit=limit, timeout_s=self.call_timeout_s(),
                hard_timeout=self.hard_timeout, release_on_abandon=self.release_on_abandon,
                is_async=is_async, wrap_error=wrap_error, on_done=on_done, on_item=on_item,
-               op=self, source=source, priority=priority, deadline_name=self.deadline_name)
+               op=self, source=source, priority=priority, deadline_name=self.deadline_name,
+               eager_lanes=runtime.remote is not None)
 
   def collect(self, job: Job) -> list[np.ndarray]:
     """The outputs of a finished batch, each with a leading axis `n`."""

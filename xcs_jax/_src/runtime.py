@@ -20,13 +20,14 @@ import os
 import threading
 import warnings
 import weakref
-from xcs_jax._src import executor
+from xcs_jax._src import executor as executor_lib
 from xcs_jax._src import checks
 from xcs_jax._src.errors import RuntimeClosedError
 from xcs_jax._src.providers import base
 from xcs_jax._src.providers import cache as cache_lib
 from xcs_jax._src.providers import ratelimit
 from xcs_jax._src import budget as budget_lib
+from xcs_jax._src import ray_backend
 from xcs_jax._src.usage import UsageMeter
 
 DEFAULT_CANCEL_GRACE_S = 0.02
@@ -88,14 +89,20 @@ class Runtime:
   """
 
   def __init__(self, *, name: str = "xcs", cancel_grace_s: float = DEFAULT_CANCEL_GRACE_S,
-               clock: executor.Clock | None = None, cache: bool = True,
+               clock: executor_lib.Clock | None = None, cache: bool = True,
                cache_dir: str | None = None,
                cache_entries: int = cache_lib.DEFAULT_MEMORY_ENTRIES,
-               budget: budget_lib.Budget | None = None):
+               budget: budget_lib.Budget | None = None, executor: str = "local",
+               ray_address: str | None = None):
+    checks.check_one_of(executor, "xcs_jax.runtime(executor=...)", EXECUTORS)
+    checks.check_str(ray_address, "xcs_jax.runtime(ray_address=...)", none_ok=True)
+    self.executor = executor
+    self._ray_address = ray_address
+    self._remote: ray_backend.RayBackend | None = None
     self.name = checks.check_str(name, "xcs_jax.runtime(name=...)", empty_ok=False)
     self.cancel_grace_s = checks.check_seconds(
         cancel_grace_s, "xcs_jax.runtime(cancel_grace_s=...)", none_ok=False, zero_ok=True)
-    if clock is not None and not isinstance(clock, executor.Clock):
+    if clock is not None and not isinstance(clock, executor_lib.Clock):
       checks.fail(TypeError, "xcs_jax.runtime(clock=...)",
                   "an `xcs_jax.extend.Clock` or None", clock)
     self.cache_enabled = checks.check_bool(cache, "xcs_jax.runtime(cache=...)")
@@ -111,13 +118,13 @@ class Runtime:
     self._limiters: dict = {}
     self._cache_dir = None if cache_dir is None else os.path.abspath(os.fspath(cache_dir))
     self._response_cache: cache_lib.ResponseCache | None = None
-    self.clock = clock or executor.REAL_CLOCK
+    self.clock = clock or executor_lib.REAL_CLOCK
     self.usage = UsageMeter()
-    self.limits = executor.Limits()
+    self.limits = executor_lib.Limits()
     self.call_times = CallTimes()
     self._lock = threading.Lock()
-    self._pool: executor.WorkerPool | None = None
-    self._loop: executor.EventLoopThread | None = None
+    self._pool: executor_lib.WorkerPool | None = None
+    self._loop: executor_lib.EventLoopThread | None = None
     self._providers: dict[str, base.Provider] = {}
     self._closed = False
     self._abandoned = 0
@@ -127,16 +134,31 @@ class Runtime:
   # -- what it owns ----------------------------------------------------------
 
   @property
-  def pool(self) -> executor.WorkerPool:
+  def pool(self) -> executor_lib.WorkerPool:
     """The runtime's worker threads (started on first use)."""
     pool = self._pool
     if pool is None:
       with self._lock:
         self._check_open()
         if self._pool is None:
-          self._pool = executor.WorkerPool(self.name)
+          self._pool = executor_lib.WorkerPool(self.name)
         pool = self._pool
     return pool
+
+  @property
+  def remote(self) -> ray_backend.RayBackend | None:
+    """Where host calls run when not here: the Ray backend of a runtime made
+    with `executor="ray"` (connected on first use), else None."""
+    if self.executor == "local":
+      return None
+    backend = self._remote
+    if backend is None:
+      with self._lock:
+        self._check_open()
+        if self._remote is None:
+          self._remote = ray_backend.RayBackend(self._ray_address, runtime)
+        backend = self._remote
+    return backend
 
   @property
   def response_cache(self) -> cache_lib.ResponseCache:
@@ -161,14 +183,14 @@ class Runtime:
                                                                         self.limits)
     return limiter
 
-  def event_loop(self) -> executor.EventLoopThread:
+  def event_loop(self) -> executor_lib.EventLoopThread:
     """The runtime's asyncio loop for async providers (started on first use)."""
     loop = self._loop
     if loop is None:
       with self._lock:
         self._check_open()
         if self._loop is None:
-          self._loop = executor.EventLoopThread(self.name)
+          self._loop = executor_lib.EventLoopThread(self.name)
         loop = self._loop
     return loop
 
@@ -239,6 +261,7 @@ class Runtime:
       self._closed = True
       providers = list(self._providers.values())
       pool, loop, cache = self._pool, self._loop, self._response_cache
+      remote = self._remote
     for p in providers:
       p.close(self)
     if loop is not None:
@@ -247,11 +270,16 @@ class Runtime:
       pool.close()
     if cache is not None:
       cache.close()
+    if remote is not None:
+      remote.close()
 
   def __repr__(self) -> str:
     state = "closed" if self._closed else "open"
     return f"xcs_jax.Runtime(name={self.name!r}, {state})"
 
+
+EXECUTORS = ("local", "ray")
+"""Where a runtime runs host calls: its own threads and event loop, or a Ray cluster."""
 
 CACHE_ENV = "XCS_JAX_CACHE"
 """Set to `off` (or 0, false, no) to turn the response cache off in the default runtime."""
@@ -283,10 +311,11 @@ def current_runtime() -> Runtime:
 
 
 def runtime(*, name: str = "xcs", cancel_grace_s: float = DEFAULT_CANCEL_GRACE_S,
-            clock: executor.Clock | None = None, cache: bool = True,
+            clock: executor_lib.Clock | None = None, cache: bool = True,
             cache_dir: str | None = None,
             cache_entries: int = cache_lib.DEFAULT_MEMORY_ENTRIES,
-            budget: budget_lib.Budget | None = None) -> Runtime:
+            budget: budget_lib.Budget | None = None, executor: str = "local",
+            ray_address: str | None = None) -> Runtime:
   """A new runtime; `with xcs_jax.runtime() as rt:` makes it current and closes it.
 
   Args:
@@ -300,6 +329,11 @@ def runtime(*, name: str = "xcs", cancel_grace_s: float = DEFAULT_CANCEL_GRACE_S
     cache_entries: answers kept in memory (least recently used dropped).
     budget: an `xcs_jax.Budget` capping the tokens (and cost) of every call
       this runtime makes, for its life.
+    executor: "local" (default: this process's threads and event loop) or
+      "ray": model calls and host functions run on a Ray cluster's nodes
+      (see docs/distributed.md); everything else stays here.
+    ray_address: the Ray cluster to connect to (`ray.init(address=...)`);
+      None: the cluster this process is connected to, or a new local one.
 
   Examples:
     >>> with xcs_jax.runtime() as rt:
@@ -307,7 +341,8 @@ def runtime(*, name: str = "xcs", cancel_grace_s: float = DEFAULT_CANCEL_GRACE_S
     ...   print(xcs_jax.usage())     # this runtime's calls only
   """
   return Runtime(name=name, cancel_grace_s=cancel_grace_s, clock=clock, cache=cache,
-                 cache_dir=cache_dir, cache_entries=cache_entries, budget=budget)
+                 cache_dir=cache_dir, cache_entries=cache_entries, budget=budget,
+                 executor=executor, ray_address=ray_address)
 
 
 class TraceRuntime:

@@ -363,6 +363,9 @@ class Job:
     on_done: called (from any thread) once the job completed or failed.
     on_item: called (from any thread) with `(i, result)` as each item succeeds.
     deadline_name: the parameter `timeout_s` comes from, for messages.
+    eager_lanes: start a lane per item at once (up to the limit) instead of
+      growing them: for calls that only wait (sent to a Ray cluster), whose
+      requests are best sent together in one turn of the loop.
     op: the `HostCallOp` it runs, or None: its usage hooks
       (`record_abandoned(runtime, k)`, `record_dropped(runtime, k)`) and,
       with `source`, the call site its times are kept for.
@@ -379,7 +382,8 @@ class Job:
                wrap_error: Callable[[BaseException, int], BaseException] = lambda e, i: e,
                on_done: Callable[["Job"], None] | None = None,
                on_item: Callable[[int, Any], None] | None = None, op: Any = None,
-               source: Any = None, priority: float = 0.0, deadline_name: str = "timeout_s"):
+               source: Any = None, priority: float = 0.0, deadline_name: str = "timeout_s",
+               eager_lanes: bool = False):
     self.scope = scope
     self.n = n
     self.run_item = run_item
@@ -410,6 +414,7 @@ class Job:
     self._fed_at: dict | None = None   # item -> when fed, for items fed after the start
     self.trace: tracing.ItemTrace | None = None   # while a trace records
     self.deadline_name = deadline_name
+    self.eager_lanes = eager_lanes
     self._seconds = 0.0      # run by lanes that ended
     self._items_run = 0
     self.results: list = [None] * n
@@ -465,12 +470,14 @@ class Job:
         self._fed_at.update((i, now) for i in items)
       self._queue.extend(items)
       self._fed += len(self._queue) - before
-      if self.is_async:
+      if self.is_async and not self.eager_lanes:
         grow, self._grow_scheduled = not self._grow_scheduled, True
       else:
-        want = min(self._max_lanes - self._lanes, self._thread_lanes_for(len(self._queue)))
+        want = min(self._max_lanes - self._lanes,
+                   len(self._queue) if self.eager_lanes
+                   else self._thread_lanes_for(len(self._queue)))
         self._lanes += want
-    if self.is_async:
+    if self.is_async and not self.eager_lanes:
       if grow:
         self.scope.runtime.event_loop().loop.call_soon_threadsafe(self._grow)
     else:
