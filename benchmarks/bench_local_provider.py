@@ -30,6 +30,9 @@ from xcs_jax.extend import CallContext
 from xcs_jax._src.providers import base
 from xcs_jax.models import bind
 
+# Timed without the response cache, which would answer repeated requests.
+os.environ.setdefault("XCS_JAX_CACHE", "off")
+
 PROMPTS = [
     "Is the movie review 'a delight from start to finish' positive or negative?",
     "Is the movie review 'two hours I will never get back' positive or negative?",

@@ -46,6 +46,9 @@ import optax
 import xcs_jax
 from xcs_jax import models, optim, text
 
+# Timed without the response cache, which would answer repeated requests.
+os.environ.setdefault("XCS_JAX_CACHE", "off")
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 LATENCY_S = 0.1
 EVAL_LATENCY_S = 0.05

@@ -203,14 +203,14 @@ def bench_schedule(repeats: int) -> list[dict]:
       ("provider `concurrency=4`", {}, SLOTS)):
     f = xcs_jax.jit(dag_program(concurrency), **jit_kw)
     times = {"fifo": [], "unmeasured": [], "measured": []}
-    with xcs_jax.runtime():
+    with xcs_jax.runtime(cache=False):
       f(prompts)                                   # trace, compile, measure
       for _ in range(repeats):
         priority.CRITICAL_PATH_FIRST = False
         times["fifo"].append(environment.wall(lambda: f(prompts)))
         priority.CRITICAL_PATH_FIRST = True
         times["measured"].append(environment.wall(lambda: f(prompts)))
-        with xcs_jax.runtime():                    # nothing measured in this one
+        with xcs_jax.runtime(cache=False):         # nothing measured in this one
           times["unmeasured"].append(environment.wall(lambda: f(prompts)))
     best = {k: min(v) for k, v in times.items()}
     rows.append(dict(limit=limit_name, best_s=BEST_S, **{f"{k}_s": v for k, v in best.items()},

@@ -461,8 +461,7 @@ def main(argv=None) -> int:
   parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                     "runtime.json"))
   args = parser.parse_args(argv)
-  env = environment.describe("bench_runtime.py", argv, repeats=args.repeats,
-                             xcs_jax_from=os.path.dirname(xcs_jax.__file__))
+  env = environment.describe("bench_runtime.py", argv, repeats=args.repeats)
   start = time.perf_counter()
   rows = []
   for section, bench in (("d", lambda: bench_overhead(args.repeats)),

@@ -47,6 +47,13 @@ _SCRIPT = textwrap.dedent(r"""
     prompts = [[f"d{d} q{i}" for i in range(3)] for d in range(4)]
     enc = jnp.asarray(text.encode(prompts, 16))
     report["pmap_vmap"] = text.decode(jax.pmap(jax.vmap(upper))(enc))
+    # Under xcs_jax.jit the pmap stays one XLA executable whose calls run
+    # inside it: the stats say so rather than 'tensor' (no host calls).
+    jf = xcs_jax.jit(lambda e: jax.pmap(jax.vmap(upper))(e))
+    report["jit_pmap"] = text.decode(jf(enc))
+    stats = xcs_jax.get_jit_stats(jf)
+    report["jit_pmap_stats"] = [stats[k] for k in (
+        "execution_strategy", "orchestration_ops", "xla_call_ops")]
     report["pmap_rows"] = text.decode(jax.pmap(upper)(enc[:, 0]))
     report["eager"] = text.decode(upper(enc))
 
@@ -76,7 +83,8 @@ def test_pmap_over_four_host_devices():
   assert r["host_op_state"] == {"now": 0, "peak": 4, "calls": 4}
 
   want = [[f"D{d} Q{i}" for i in range(3)] for d in range(4)]
-  assert r["pmap_vmap"] == want == r["eager"]
+  assert r["pmap_vmap"] == want == r["eager"] == r["jit_pmap"]
+  assert r["jit_pmap_stats"] == ["callbacks", 0, 1]
   assert r["pmap_rows"] == [row[0] for row in want]
 
   assert r["pmap_keys"] == r["vmap_keys"]

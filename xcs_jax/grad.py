@@ -1,7 +1,8 @@
 """Gradient estimators for host ops: `xcs_jax.host_op(fn, ..., grad=...)`.
 
-See `xcs_jax._src.grad` and docs/optimization.md for step sizes, sample counts
-and accuracy.
+`Central` (central differences, 2 calls per parameter) and `SPSA` (random
+perturbations, 2 calls per sample) are the estimators; docs/optimization.md
+gives their step sizes, sample counts and accuracy.
 """
 from xcs_jax._src.grad import DEFAULT_SPSA_SAMPLES
 from xcs_jax._src.grad import SPSA

@@ -1,5 +1,10 @@
 """Pass 4, analyze: parallel groups, critical path, estimated speedup, strategy.
 
+A tensor op whose body makes host calls the passes do not split (`pmap`,
+`shard_map`, ...) stays in its segment: its calls run inside XLA through
+`io_callback`. Such ops are counted apart (`xla_call_ops`); a function whose
+only calls are there has strategy ``"callbacks"``.
+
 Every orchestration node costs one unit (its latency is unknown before it
 runs; a vmapped call is one batched call and also one unit); tensor segments
 cost nothing. A node's level is the number of orchestration nodes on the
@@ -11,9 +16,10 @@ import collections
 import dataclasses
 
 from xcs_jax._src.jit.classify import Kind
+from xcs_jax._src.jit.expose import eqn_contains_host_call
 from xcs_jax._src.jit.partition import Graph
 
-STRATEGIES = ("tensor", "sequential", "parallel", "hybrid")
+STRATEGIES = ("tensor", "callbacks", "sequential", "parallel", "hybrid")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +32,7 @@ class Analysis:
   execution_strategy: str
   tensor_ops: int               # tensor segments
   orchestration_ops: int        # host calls and control nodes
+  xla_call_ops: int = 0         # tensor ops making host calls inside XLA (pmap, ...)
 
 
 def analyze(graph: Graph) -> Analysis:
@@ -57,8 +64,9 @@ def analyze(graph: Graph) -> Analysis:
   speedup = len(calls) / len(path) if path else 1.0
 
   n_tensor = len(graph.tensor_nodes())
+  in_xla = sum(eqn_contains_host_call(e) for n in graph.tensor_nodes() for e in n.eqns)
   if not calls:
-    strategy = "tensor"
+    strategy = "callbacks" if in_xla else "tensor"
   elif n_tensor >= 2:
     strategy = "hybrid"
   elif max_par > 1:
@@ -66,4 +74,4 @@ def analyze(graph: Graph) -> Analysis:
   else:
     strategy = "sequential"
   return Analysis(levels, groups, max_par, tuple(path), speedup, strategy, n_tensor,
-                  len(calls))
+                  len(calls), in_xla)

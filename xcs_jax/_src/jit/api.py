@@ -356,6 +356,7 @@ class JitFunction:
         execution_strategy=a.execution_strategy if a else None,
         tensor_ops=a.tensor_ops if a else 0,
         orchestration_ops=a.orchestration_ops if a else 0,
+        xla_call_ops=a.xla_call_ops if a else 0,
         **(plan.counts() if plan is not None else dict(
             plan_segments=0, plan_host_calls=0, plan_streams=0, plan_control_nodes=0)),
         compiled_segments=self._segments.compiled,

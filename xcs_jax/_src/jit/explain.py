@@ -18,7 +18,9 @@ def describe_node(node) -> str:
 def render_plan(plan, title: str = "plan") -> str:
   a = plan.analysis
   lines = [f"{title}: strategy {a.execution_strategy!r}, {a.tensor_ops} tensor "
-           f"segment(s), {a.orchestration_ops} orchestration node(s)"]
+           f"segment(s), {a.orchestration_ops} orchestration node(s)"
+           + (f", {a.xla_call_ops} op(s) making host calls inside XLA (pmap, ...)"
+              if a.xla_call_ops else "")]
   eqns = {n.index: n.eqns for n in plan.graph.nodes}
   for node in plan.graph.nodes:
     if node.kind is Kind.TENSOR:
@@ -33,7 +35,8 @@ def render_plan(plan, title: str = "plan") -> str:
       lines.append("  " + ", ".join(f"#{i}" for i in g))
   else:
     lines.append("parallel groups: none")
-  path = " -> ".join(f"#{i}" for i in a.critical_path) or "(no host calls)"
+  path = " -> ".join(f"#{i}" for i in a.critical_path) or (
+      "(host calls only inside XLA)" if a.xla_call_ops else "(no host calls)")
   lines.append(f"critical path ({len(a.critical_path)} call(s)): {path}")
   lines.append(f"estimated speedup over one-at-a-time: {a.estimated_speedup:.2f}x")
   lines.extend(render_run(plan))
@@ -66,6 +69,9 @@ def render_run(plan) -> list[str]:
   """The plan as it runs: after batching sibling calls, vectorizing, folding
   and forming streams (empty for a program that is one XLA executable)."""
   if plan.whole is not None:
+    if plan.analysis.xla_call_ops:
+      return ["as run: one XLA executable, its host calls made from inside it "
+              "(io_callback, one after another per device)"]
     return ["as run: one XLA executable (no host calls)"]
   c = plan.counts()
   lines = [f"as run: {c['plan_segments']} tensor segment(s), {c['plan_host_calls']} host "

@@ -155,7 +155,7 @@ def build_plan(closed_jaxpr: Any, *, batch_calls: bool = True,
   graph = partition_segments(program)
   analysis = analyze(graph)
   whole = None
-  if analysis.execution_strategy == "tensor":
+  if analysis.execution_strategy in ("tensor", "callbacks"):   # one executable
     whole = jax.jit(compat.jaxpr_as_fun(closed_jaxpr))
   elif batch_calls:
     program = batch_sibling_calls(program)

@@ -113,7 +113,8 @@ class Provider:
   def validate(self, model: str, params: dict[str, Any]) -> None:
     """Checks a binding's parameters when it is made (e.g. that its API key is
     set); may normalize values in `params` (every parameter, defaults
-    included). Raise TypeError / ValueError as `xcs_jax._src.checks` does."""
+    included). Raise TypeError / ValueError naming the parameter, what was
+    expected and the fix, as the library's own checks do."""
 
   def prepare(self, binding) -> None:
     """Called before a batch of the binding's calls starts, outside their

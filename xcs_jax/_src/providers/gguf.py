@@ -4,8 +4,8 @@ The local provider needs a model's architecture and embedding width before
 (or without) loading it: `embedding_dim` is asked at trace time, and the
 embedding instances are loaded with an architecture-specific pooling
 override. Loading the model through llama.cpp for that would be slower and
-noisy, so the header is read here (format: github.com/ggml-org/ggml,
-docs/gguf.md).
+noisy, so the header is read here (the format:
+https://github.com/ggml-org/ggml/blob/master/docs/gguf.md).
 """
 from __future__ import annotations
 
