@@ -63,8 +63,17 @@ class FaultProxy:
   def close(self) -> None:
     with contextlib.suppress(Exception):
       self.refuse()
+    with contextlib.suppress(Exception):
+      self._call(self._end_connections())
     self._loop.call_soon_threadsafe(self._loop.stop)
     self._thread.join(5)
+
+  async def _end_connections(self):
+    """Cancels the connections still open (delayed ones), so none outlives the loop."""
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for t in tasks:
+      t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
   # -- one connection -----------------------------------------------------------------
 

@@ -1,10 +1,13 @@
-"""Model bindings: `bind("provider:model", **params)`.
+"""Model bindings: `bind("provider:model", **params)`, and `mesh([...])` of replicas.
 
 Writing a provider? Its API lives in `xcs_jax.extend` (`Provider`,
 `register_provider`, `CallContext`, `Completion`, `TransientError`).
 """
 import warnings as _warnings
 
+from xcs_jax._src.mesh import ModelMesh
+from xcs_jax._src.mesh import mesh
+from xcs_jax._src.mesh_router import ReplicaStats
 from xcs_jax._src.models import ModelBinding
 from xcs_jax._src.models import bind
 from xcs_jax._src.providers import anthropic as _anthropic  # noqa: F401  (registers "anthropic")
@@ -18,8 +21,11 @@ from xcs_jax._src.usage import Usage
 __all__ = [
     "CHATML",
     "ModelBinding",
+    "ModelMesh",
+    "ReplicaStats",
     "Usage",
     "bind",
+    "mesh",
     "provider_names",
 ]
 

@@ -30,8 +30,12 @@ generate_p = make_host_primitive("xcs_generate")
 
 
 def provider_of(binding, runtime: Runtime | None = None) -> base.Provider:
-  """The provider instance serving `binding` in `runtime` (default: current)."""
-  return (runtime or current_runtime()).provider(binding.provider)
+  """The provider instance serving `binding` in `runtime` (default: current);
+  for a mesh (`xcs_jax.models.mesh`), its router there, which routes each
+  attempt to one of its replicas."""
+  runtime = runtime or current_runtime()
+  router = getattr(binding, "router", None)
+  return runtime.provider(binding.provider) if router is None else router(runtime)
 
 
 def concurrency_of(binding, runtime: Runtime | None = None) -> int:
@@ -61,7 +65,7 @@ def text_keys(rows: np.ndarray, n: int) -> list[bytes]:
   return [raw[i * width:(i + 1) * width].split(b"\0", 1)[0] for i in range(n)]
 
 
-def _tokens(value: Any) -> tuple[int, int]:
+def reported_tokens(value: Any) -> tuple[int, int]:
   if isinstance(value, base.Completion):
     return value.prompt_tokens, value.completion_tokens
   return 0, 0
@@ -173,25 +177,42 @@ class BindingOp(HostCallOp):
     return Prepared(inputs, key, mode == "disk")
 
   def _method(self, runtime):
-    """The provider method a call runs: here, or on a Ray actor (`executor="ray"`)."""
-    if runtime.remote is not None:
-      return runtime.remote.provider_method(self.binding.provider, self.method)
-    return getattr(provider_of(self.binding, runtime), self.method)
-
-  def prepare(self, runtime):
+    """The provider method a call runs: here, or on a Ray actor (`executor="ray"`).
+    A mesh's router runs here (its replicas' attempts may go to actors)."""
     provider = provider_of(self.binding, runtime)
+    if runtime.remote is not None and not hasattr(provider, "requests"):
+      return runtime.remote.provider_method(self.binding.provider, self.method)
+    return getattr(provider, self.method)
+
+  def requests(self, runtime, *, single_attempt: bool = False):
+    """`request(args)`: the `retry.Request` of one call to the binding's
+    provider, retried per the binding's `retries` (one attempt only with
+    `single_attempt`: a mesh fails over instead), with budgets and the
+    endpoint's rate limiter around each attempt. A mesh's router makes its
+    own (each attempt goes to a replica, through that replica's requests)."""
+    provider = provider_of(self.binding, runtime)
+    routed = getattr(provider, "requests", None)
+    if routed is not None:
+      return routed(self, runtime)
     if runtime.remote is None:
       provider.prepare(self.binding)     # clients live in the actors otherwise
     method = self._method(runtime)
     binding, usage = self.binding, runtime.usage
-    policy = retry.RetryPolicy(binding.get("retries"), binding.get("timeout_s"),
-                               provider.is_transient, provider.retry_after)
-    namespace = self.cache_namespace(runtime)
+    policy = retry.RetryPolicy(0 if single_attempt else binding.get("retries"),
+                               binding.get("timeout_s"), provider.is_transient,
+                               provider.retry_after)
     before, after = self._limits_and_budgets(runtime)
 
     def request(args):
       return retry.Request(method, binding, args, policy, usage, before=before(args),
-                           after=after, tokens=_tokens)
+                           after=after, tokens=reported_tokens)
+    return request
+
+  def prepare(self, runtime):
+    method = self._method(runtime)
+    binding, usage = self.binding, runtime.usage
+    namespace = self.cache_namespace(runtime)
+    request = self.requests(runtime)
 
     def hit(value, ctx):
       usage.add(binding, cache_hits=1)
@@ -285,7 +306,7 @@ class BindingOp(HostCallOp):
 
     def after(token, result, error, actx):
       estimated, reservations = token
-      used = _tokens(result) if error is None else (0, 0)
+      used = reported_tokens(result) if error is None else (0, 0)
       known = error is not None or isinstance(result, base.Completion)
       for b, r in reservations:
         if known:

@@ -20,6 +20,8 @@ import os
 import threading
 import warnings
 import weakref
+from typing import Any, Callable
+
 from xcs_jax._src import executor as executor_lib
 from xcs_jax._src import checks
 from xcs_jax._src.errors import RuntimeClosedError
@@ -126,6 +128,7 @@ class Runtime:
     self._pool: executor_lib.WorkerPool | None = None
     self._loop: executor_lib.EventLoopThread | None = None
     self._providers: dict[str, base.Provider] = {}
+    self._components: dict = {}
     self._closed = False
     self._abandoned = 0
     self._warned_abandoned = False
@@ -204,6 +207,18 @@ class Runtime:
         if inst is None:
           inst = self._providers[name] = factory()
     return inst
+
+  def component(self, key, make: Callable[[], Any]) -> Any:
+    """This runtime's object for `key`, made by `make()` on first use: state
+    that a part of the library keeps per runtime (a mesh's router: the health,
+    load and latencies of its replicas)."""
+    value = self._components.get(key)
+    if value is None:
+      self._check_open()
+      made = make()     # outside the lock: making it may use the runtime
+      with self._lock:
+        value = self._components.setdefault(key, made)
+    return value
 
   @property
   def abandoned_calls(self) -> int:
