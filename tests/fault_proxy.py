@@ -33,6 +33,7 @@ class FaultProxy:
     self.limited = 0
     self.dropped = 0
     self._recent: collections.deque = collections.deque()
+    self._closing = asyncio.Event()
     self._lock = threading.Lock()
     self._loop = asyncio.new_event_loop()
     self._server = None
@@ -69,11 +70,12 @@ class FaultProxy:
     self._thread.join(5)
 
   async def _end_connections(self):
-    """Cancels the connections still open (delayed ones), so none outlives the loop."""
+    """Ends the delays of connections still open, and waits (a little) for them
+    all to close, so that none outlives the loop."""
+    self._closing.set()
     tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-    for t in tasks:
-      t.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    if tasks:
+      await asyncio.wait(tasks, timeout=2.0)
 
   # -- one connection -----------------------------------------------------------------
 
@@ -101,7 +103,10 @@ class FaultProxy:
         await writer.drain()
         return
       if self.delay_s:
-        await asyncio.sleep(self.delay_s)
+        with contextlib.suppress(asyncio.TimeoutError):
+          await asyncio.wait_for(self._closing.wait(), self.delay_s)
+        if self._closing.is_set():
+          return                           # the proxy is closing
       with self._lock:
         self.forwarded.append(time.monotonic())
       await self._forward(head, body, writer)
