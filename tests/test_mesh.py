@@ -36,7 +36,7 @@ class _Endpoints(extend.Provider):
 
   name = "meshtest"
   default_concurrency = 8
-  params = {"base_url": None, "latency_s": 0.0}
+  params = {"base_url": None, "latency_s": 0.0, "embedding_dim": None}
   non_answer_params = frozenset({"latency_s"})
 
   def __init__(self):
@@ -64,6 +64,14 @@ class _Endpoints(extend.Provider):
         self.cancelled[binding.get("base_url")] += 1
         raise
       return self._answer(binding, prompt)
+
+  async def embed(self, binding, text_, ctx):
+    return np.ones(self.embedding_dim(binding))
+
+  def embedding_dim(self, binding):
+    if binding.get("embedding_dim") is None:
+      raise NotImplementedError("this endpoint cannot embed")
+    return binding.get("embedding_dim")
 
 
 class _SyncEndpoints(_Endpoints):
@@ -136,10 +144,14 @@ def test_a_mesh_has_the_calls_of_a_binding_under_every_transform(rt):
   expected = [f"p{i}" for i in range(6)]
   assert text.decode(jax.jit(jax.vmap(m))(x)) == expected
   assert text.decode(xcs_jax.jit(jax.vmap(m))(prompts(6, "q"))) == [f"q{i}" for i in range(6)]
+  up = unique_binding("fake:upper", output_bytes=16)
+  upper = models.mesh([up, up.replace(concurrency=3)])
+  chain = xcs_jax.jit(jax.vmap(lambda p: upper(m(p))))          # a stream of two meshes
+  assert text.decode(chain(prompts(6, "c"))) == [f"C{i}" for i in range(6)]
   assert text.decode(m(x[0])) == "p0"
   np.testing.assert_allclose(m.score_options(x, ("p1", "zz")), a.score_options(x, ("p1", "zz")))
   np.testing.assert_allclose(jax.vmap(m.embed)(x), a.embed(x), rtol=1e-6)
-  assert m.usage().calls == 24 and m.usage().cache_hits == 1    # the eager p0
+  assert m.usage().calls == 30 and m.usage().cache_hits == 1    # the eager p0
   assert sum(calls(m)) == m.usage().calls
   assert "mesh(" in str(m) and str(a) in str(m)
 
@@ -390,10 +402,12 @@ def test_bad_meshes_are_clear_errors_when_made(make, message):
 
 def test_embedding_widths_must_agree_where_replicas_can_embed(rt):
   a = unique_binding("fake:echo", output_bytes=16)
-  server = models.bind("openai:echo", base_url="http://127.0.0.1:9/v1", api_key_env=None,
+  server = models.bind("meshtest:echo", base_url="http://replica-0",
                        system_prompt=a.get("system_prompt"), output_bytes=16)
   m = models.mesh([a, server])                            # the server cannot embed: fine
   assert m.get("embedding_dim") == 64
+  assert jax.vmap(m.embed)(prompts(4, "emb")).shape == (4, 64)
+  assert calls(m) == [4, 0]                               # embeds go to those that can
   with pytest.raises(ValueError, match="one width"):
     models.mesh([a, server.replace(embedding_dim=32)])
   with pytest.raises(NotImplementedError, match="can embed"):
@@ -500,3 +514,20 @@ def test_dropped_and_refused_connections_fail_over(servers):
       assert all(answers) and m.usage().errors == 0 and m.stats()[0].failures >= 1
   finally:
     proxy.close()
+
+
+@pytest.mark.server
+@pytest.mark.local_model
+def test_the_local_model_and_a_server_serve_one_mesh(servers):
+  # A sync replica (the local model runs on the runtime's workers) beside an
+  # async one; both give the model's greedy answers.
+  local_model = models.bind("local:smollm2", max_tokens=2, output_bytes=64,
+                            system_prompt="Be brief.", n_threads=1)
+  m = models.mesh([local_model, served(servers[1].base_url)], strategy="round_robin",
+                  deadline_s=120.0)
+  x = questions(4, "l")
+  with xcs_jax.runtime(cache=False):
+    expected = text.decode(jax.vmap(local_model)(x))
+    assert text.decode(xcs_jax.jit(jax.vmap(m))(x)) == expected
+    # Both served (a replica is passed over while it is full).
+    assert calls(m)[0] >= 1 and sum(calls(m)) == 4 and m.usage().errors == 0
