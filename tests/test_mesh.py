@@ -367,12 +367,27 @@ def test_budgets_are_reserved_on_the_replica_that_serves(rt):
   assert 0 < spent.spent_cost <= 1.0
 
 
+def test_a_trace_shows_which_replica_answered(tmp_path, rt):
+  import json
+  from trace_format import check_chrome_trace
+  slow, fast = endpoints(2)
+  m = models.mesh([slow.replace(latency_s=30.0), fast], strategy="round_robin",
+                  hedge_after_s=0.05, cache=None)
+  path = tmp_path / "mesh.json"
+  with xcs_jax.profiler.trace(path):
+    jax.block_until_ready(xcs_jax.jit(jax.vmap(m))(prompts(4, "t")))
+  calls = [e for e in check_chrome_trace(json.loads(path.read_text()))
+           if e.get("cat") == "call"]
+  assert len(calls) == 4
+  assert all(e["args"]["replica"] == str(fast) for e in calls)   # hedged or not
+
+
 # -- construction -------------------------------------------------------------------
 
 @pytest.mark.parametrize("make, message", [
     (lambda a, b: models.mesh([]), "at least one"),
     (lambda a, b: models.mesh(a), "list or tuple"),
-    (lambda a, b: models.mesh([a, "fake:echo"]), "replica 1 must be a binding"),
+    (lambda a, b: models.mesh([a, "fake:echo"]), r"bindings\[1\]\)` must be a binding"),
     (lambda a, b: models.mesh([a, models.mesh([b])]), "itself a mesh"),
     (lambda a, b: models.mesh([a, a]), "same binding"),
     (lambda a, b: models.mesh([a, models.bind("fake:upper", output_bytes=16)]),
@@ -384,12 +399,14 @@ def test_budgets_are_reserved_on_the_replica_that_serves(rt):
     (lambda a, b: models.mesh([a, b], strategy="fastest"), "'least_loaded'"),
     (lambda a, b: models.mesh([a, b], strategy="weighted"), "one positive number"),
     (lambda a, b: models.mesh([a, b], strategy="weighted", weights=(1, 0)),
-     "one positive number"),
+     r"weights\[1\]=...\)` must be a finite number > 0"),
     (lambda a, b: models.mesh([a, b], weights=(1, 2)), "need strategy='weighted'"),
+    (lambda a, b: models.mesh([a, b], hedge_after_s=True), "seconds"),
+    (lambda a, b: models.mesh([a, b], hedge_after_s=float("nan")), "\"p95\""),
     (lambda a, b: models.mesh([a, b], hedge_after_s="p99"), "\"p95\""),
     (lambda a, b: models.mesh([a, b], hedge_after_s=0), "\"p95\""),
-    (lambda a, b: models.mesh([a, b], eject_after=0), "int >= 1"),
-    (lambda a, b: models.mesh([a, b], cooldown_s=float("inf")), "seconds > 0"),
+    (lambda a, b: models.mesh([a, b], eject_after=0), "positive int"),
+    (lambda a, b: models.mesh([a, b], cooldown_s=float("inf")), "number of seconds"),
     (lambda a, b: models.mesh([a, b], retries=-1), "int >= 0"),
     (lambda a, b: models.mesh([a, b], cache="always"), "'auto'"),
 ])

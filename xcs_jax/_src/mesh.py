@@ -17,9 +17,9 @@ hedging: `mesh_router.py`.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Sequence
 
+from xcs_jax._src import checks
 from xcs_jax._src.binding_ops import provider_of
 from xcs_jax._src.mesh_router import MeshRouter, ReplicaStats, replica_embedding_dim
 from xcs_jax._src.models import ModelBinding
@@ -150,8 +150,8 @@ def mesh(bindings: Sequence[ModelBinding], *, strategy: str = "least_loaded",
 
 def _checked_replicas(bindings: Any) -> tuple[ModelBinding, ...]:
   if not isinstance(bindings, (list, tuple)):
-    raise TypeError("`mesh(bindings)` must be a list or tuple of bindings from "
-                    f"`xcs_jax.models.bind`; got {type(bindings).__name__} {bindings!r}.")
+    checks.fail(TypeError, "mesh(bindings)",
+                "a list or tuple of bindings from `xcs_jax.models.bind`", bindings)
   replicas = tuple(bindings)
   if not replicas:
     raise ValueError("`mesh(bindings)` needs at least one binding; got none.")
@@ -160,8 +160,8 @@ def _checked_replicas(bindings: Any) -> tuple[ModelBinding, ...]:
       raise TypeError(f"`mesh(bindings)`: replica {i} is itself a mesh ({b}); list its "
                       "replicas in this mesh instead.")
     if not isinstance(b, ModelBinding):
-      raise TypeError(f"`mesh(bindings)`: replica {i} must be a binding from "
-                      f"`xcs_jax.models.bind`; got {type(b).__name__} {b!r}.")
+      checks.fail(TypeError, f"mesh(bindings[{i}])", "a binding from `xcs_jax.models.bind`",
+                  b)
     if replicas.index(b) != i:
       raise ValueError(f"`mesh(bindings)`: replicas {replicas.index(b)} and {i} are the "
                        f"same binding ({b}); list each endpoint once (use `weights` to "
@@ -200,41 +200,39 @@ def _check_interchangeable(replicas: tuple[ModelBinding, ...], runtime: Runtime)
           "them alike but for their endpoint (`base_url`).")
 
 
-def _is_number(value: Any) -> bool:
-  return (isinstance(value, (int, float)) and not isinstance(value, bool)
-          and math.isfinite(value))
-
-
-def _is_int(value: Any) -> bool:
-  return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _checked_options(replicas, **options) -> dict[str, Any]:
-  def fail(name, expected):
-    raise ValueError(f"`mesh(..., {name}=...)` must be {expected}; got {options[name]!r}.")
+  def arg(name):
+    return f"mesh(..., {name}=...)"
 
-  if options["strategy"] not in STRATEGIES:
-    fail("strategy", " or ".join(map(repr, STRATEGIES)))
+  checks.check_one_of(options["strategy"], arg("strategy"), STRATEGIES)
   weights = options["weights"]
   if options["strategy"] == "weighted":
-    if not (isinstance(weights, (list, tuple)) and len(weights) == len(replicas)
-            and all(_is_number(w) and w > 0 for w in weights)):
-      fail("weights", f"one positive number per binding ({len(replicas)}) with "
-           "strategy='weighted'")
-    options["weights"] = tuple(float(w) for w in weights)
+    expected = f"one positive number per binding ({len(replicas)})"
+    if not isinstance(weights, (list, tuple)) or len(weights) != len(replicas):
+      checks.fail(TypeError if not isinstance(weights, (list, tuple)) else ValueError,
+                  arg("weights"), expected, weights, "Pass weights beside the bindings.")
+    options["weights"] = tuple(
+        checks.check_number(w, checks.item_of(arg("weights"), i), min_value=0,
+                            min_open=True) for i, w in enumerate(weights))
   elif weights is not None:
-    fail("weights", f"None with strategy={options['strategy']!r} (weights need "
-         "strategy='weighted')")
+    checks.fail(ValueError, arg("weights"), f"None with strategy={options['strategy']!r}",
+                weights, "Weights need strategy='weighted'.")
   hedge = options["hedge_after_s"]
-  if not (hedge is None or hedge == "p95" or (_is_number(hedge) and hedge > 0)):
-    fail("hedge_after_s", "a number of seconds > 0, \"p95\" or None")
-  if not (_is_int(options["eject_after"]) and options["eject_after"] >= 1):
-    fail("eject_after", "an int >= 1 (transient failures in a row)")
-  if not (_is_number(options["cooldown_s"]) and options["cooldown_s"] > 0):
-    fail("cooldown_s", "a number of seconds > 0")
-  if not (options["concurrency"] is None
-          or (_is_int(options["concurrency"]) and options["concurrency"] > 0)):
-    fail("concurrency", "a positive int, or None (the sum of the replicas')")
+  if hedge is not None and hedge != "p95":
+    expected = 'a number of seconds in (0, 1e9], "p95" or None'
+    if not checks.is_real(hedge):
+      checks.fail(TypeError, arg("hedge_after_s"), expected, hedge, "None: no hedging.")
+    if not 0 < float(hedge) <= checks.MAX_SECONDS:   # NaN fails too
+      checks.fail(ValueError, arg("hedge_after_s"), expected, hedge, "None: no hedging.")
+    options["hedge_after_s"] = float(hedge)
+  options["eject_after"] = checks.check_int(
+      options["eject_after"], arg("eject_after"), min_value=1,
+      fix="It counts transient failures in a row.")
+  options["cooldown_s"] = checks.check_seconds(options["cooldown_s"], arg("cooldown_s"),
+                                               none_ok=False)
+  options["concurrency"] = checks.check_int(
+      options["concurrency"], arg("concurrency"), min_value=1, none_ok=True,
+      fix="None: the sum of the replicas'.")
   return options
 
 
@@ -247,12 +245,10 @@ def _call_param(replicas, name: str, given: Any) -> Any:
           f"({', '.join(map(repr, values))}), and a mesh call has one: pass "
           f"`mesh(..., {name}=...)`.")
     return values[0]
-  valid = {"deadline_s": given is None or (_is_number(given) and given > 0),
-           "retries": given is None or (_is_int(given) and given >= 0),
-           "cache": given in ("auto", "memory", "disk", None)}[name]
-  if not valid:
-    expected = {"deadline_s": "a positive number of seconds (the whole call) or None",
-                "retries": "an int >= 0, or None (retry until `deadline_s`)",
-                "cache": "'auto', 'memory', 'disk' or None"}[name]
-    raise ValueError(f"`mesh(..., {name}=...)` must be {expected}; got {given!r}.")
-  return given
+  what = f"mesh(..., {name}=...)"
+  if name == "deadline_s":
+    return checks.check_seconds(given, what)
+  if name == "retries":
+    return checks.check_int(given, what, min_value=0, none_ok=True,
+                            fix="None: retry until `deadline_s`.")
+  return checks.check_one_of(given, what, ("auto", "memory", "disk", None))

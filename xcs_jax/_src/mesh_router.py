@@ -239,6 +239,7 @@ class _Branch:
     """`ctx` (its deadline, clock, item) under this branch."""
     child = CallContext(self, clock=ctx.clock, index=ctx.index)
     child.deadline, child.timeout_s, child.what = ctx.deadline, ctx.timeout_s, ctx.what
+    child.facts = ctx.facts
     return child
 
 
@@ -481,18 +482,21 @@ class MeshRouter(base.Provider):
     request = call.plan.requests[replica.index](call.args)
     start = self.clock.now()
     try:
-      if not call.plan.is_async[replica.index]:
-        return await self._on_worker(replica, method, request, ctx, start)
-      try:
-        result = await retry.arun(request, ctx)
-      except BaseException as e:
-        self._ended(replica, method, start, e)
-        raise
-      self._ended(replica, method, start, None)
-      return result
+      if call.plan.is_async[replica.index]:
+        try:
+          result = await retry.arun(request, ctx)
+        except BaseException as e:
+          self._ended(replica, method, start, e)
+          raise
+        self._ended(replica, method, start, None)
+      else:
+        result = await self._on_worker(replica, method, request, ctx, start)
     except Exception as e:
       call.failed(replica, e)
       raise
+    if ctx.facts is not None:
+      ctx.facts["replica"] = str(replica.binding)     # a trace shows who answered
+    return result
 
   async def _on_worker(self, replica: _Replica, method: str, request: retry.Request,
                        ctx: CallContext, start: float) -> Any:
