@@ -70,12 +70,18 @@ class FaultProxy:
     self._thread.join(5)
 
   async def _end_connections(self):
-    """Ends the delays of connections still open, and waits (a little) for them
-    all to close, so that none outlives the loop."""
+    """Ends the connections still open, so that none outlives the loop: delayed
+    ones at once, forwarded ones after a second for their answer, if any."""
     self._closing.set()
-    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-    if tasks:
-      await asyncio.wait(tasks, timeout=2.0)
+    for _ in range(3):      # (a connection accepted while closing starts a new one)
+      tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+      if not tasks:
+        return
+      _, running = await asyncio.wait(tasks, timeout=1.0)
+      for t in running:
+        t.cancel()
+      if running:
+        await asyncio.wait(running, timeout=1.0)
 
   # -- one connection -----------------------------------------------------------------
 
@@ -110,8 +116,8 @@ class FaultProxy:
       with self._lock:
         self.forwarded.append(time.monotonic())
       await self._forward(head, body, writer)
-    except (asyncio.IncompleteReadError, ConnectionError):
-      pass
+    except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+      pass                                 # (cancelled: the proxy is closing)
     finally:
       writer.close()
 
