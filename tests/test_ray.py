@@ -107,6 +107,16 @@ def test_the_local_model_runs_as_one_replica_per_node_with_the_local_answers(rt)
   assert len(served) == 2                 # the model ran on both nodes
 
 
+def test_a_meshs_router_stays_on_the_driver_and_its_replicas_run_on_the_actors(rt):
+  a = models.bind("fake:upper", output_bytes=16, latency_s=0.02)
+  m = models.mesh([a, a.replace(concurrency=7)], strategy="round_robin")
+  before = sum(rt.remote.sent.values())
+  out = xcs_jax.jit(jax.vmap(m))(prompts(8, "m"))
+  assert text.decode(out) == [f"M{i}" for i in range(8)]
+  assert [s.calls for s in m.stats()] == [4, 4] and m.usage().calls == 8
+  assert sum(rt.remote.sent.values()) - before == 8     # one request per attempt
+
+
 def test_nothing_imports_ray_unless_a_ray_runtime_is_made():
   code = ("import sys, xcs_jax, jax; from xcs_jax import models, text\n"
           "b = models.bind('fake:echo', output_bytes=8)\n"

@@ -7,7 +7,7 @@ import warnings as _warnings
 
 from xcs_jax._src.mesh import ModelMesh
 from xcs_jax._src.mesh import mesh
-from xcs_jax._src.mesh_router import ReplicaStats
+from xcs_jax._src.mesh_replica import ReplicaStats
 from xcs_jax._src.models import ModelBinding
 from xcs_jax._src.models import bind
 from xcs_jax._src.providers import anthropic as _anthropic  # noqa: F401  (registers "anthropic")

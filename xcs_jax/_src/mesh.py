@@ -12,8 +12,8 @@ of one provider the same parameters but their endpoint (`base_url`); the
 same embedding width where they can embed. Each keeps its own endpoint's
 concurrency limit and rate limiter, its `timeout_s` per attempt and its
 usage row; the mesh has the call-level parameters (`deadline_s`, `retries`,
-`cache`, `concurrency`) and its own usage row. Routing, health, failover and
-hedging: `mesh_router.py`.
+`cache`, `concurrency`) and its own usage row. Routing, failover and hedging:
+`mesh_router.py`; each replica's load and health: `mesh_replica.py`.
 """
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ from typing import Any, Sequence
 
 from xcs_jax._src import checks
 from xcs_jax._src.binding_ops import provider_of
-from xcs_jax._src.mesh_router import MeshRouter, ReplicaStats, replica_embedding_dim
+from xcs_jax._src.mesh_replica import ReplicaStats, replica_embedding_dim
+from xcs_jax._src.mesh_router import MeshRouter
 from xcs_jax._src.models import ModelBinding
 from xcs_jax._src.runtime import Runtime, current_runtime
 

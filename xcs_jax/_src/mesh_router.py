@@ -23,10 +23,11 @@ mesh's attempt:
   calls transient (rate limited, overloaded, a reset or refused connection,
   a timeout) is retried at once on a replica this call has not tried; once
   every usable replica has been tried, after the usual jittered backoff.
-- **health** (a circuit breaker per replica): `eject_after` transient
-  failures in a row eject a replica for `cooldown_s`; after that one call
-  probes it: a success brings it back, a failure ejects it again. If every
-  replica is ejected, calls go to them anyway rather than fail unsent.
+- **health** (a circuit breaker per replica, `mesh_replica.py`):
+  `eject_after` transient failures in a row eject a replica for
+  `cooldown_s`; after that one call probes it: a success brings it back, a
+  failure ejects it again. If every replica is ejected, calls go to them
+  anyway rather than fail unsent.
 - **hedging** (`hedge_after_s`): an attempt still running after that long
   (with "p95": the 95th percentile of this mesh's latencies for that kind of
   call, once it has `P95_MIN_SAMPLES`) is also sent to a second replica; the
@@ -44,103 +45,13 @@ import threading
 import time
 from typing import Any, Callable
 
-import numpy as np
-
-from xcs_jax._src.binding_ops import GenerateOp, provider_of, reported_tokens
+from xcs_jax._src.binding_ops import GenerateOp, reported_tokens
 from xcs_jax._src.errors import XCSCancelledError
+from xcs_jax._src.mesh_replica import LatencyWindow, Replica, ReplicaStats
 from xcs_jax._src.numeric import EmbedOp, ScoreOptionsOp
 from xcs_jax._src.providers import base
 from xcs_jax._src.providers import retry
 from xcs_jax._src.scope import CallContext
-
-LATENCY_WINDOW = 256
-"""Latencies kept per replica and per kind of call (the most recent)."""
-P95_MIN_SAMPLES = 20
-"""`hedge_after_s="p95"` hedges once this many latencies were measured."""
-_P95_REFRESH = 16   # new latencies before the hedging percentile is computed again
-
-
-def replica_embedding_dim(provider: base.Provider, binding) -> int | None:
-  """The width of `binding`'s embeddings, or None where it cannot embed."""
-  try:
-    return int(provider.embedding_dim(binding))
-  except (NotImplementedError, ValueError):
-    return None
-
-
-@dataclasses.dataclass(frozen=True)
-class ReplicaStats:
-  """What a mesh's router knows of one replica, in one runtime.
-
-  Attributes:
-    replica: the replica's binding.
-    calls: attempts sent to it (failovers and hedges included).
-    failures: attempts that failed (cancelled ones not counted).
-    hedges: attempts sent to it as a hedge (a second replica for a slow call).
-    wins: hedged calls it answered first.
-    outstanding: its attempts in flight now.
-    p50_s, p95_s: latency of its last `LATENCY_WINDOW` successful attempts
-      (None before the first).
-    ejected: out of rotation after failing (until a probe succeeds).
-    ejections: times it was ejected.
-  """
-  replica: Any
-  calls: int
-  failures: int
-  hedges: int
-  wins: int
-  outstanding: int
-  p50_s: float | None
-  p95_s: float | None
-  ejected: bool
-  ejections: int
-
-
-class _Window:
-  """The most recent latencies, and their 95th percentile (recomputed now and
-  then, not on every read: hedging reads it on every attempt)."""
-
-  __slots__ = ("values", "_new", "_p95")
-
-  def __init__(self):
-    self.values: collections.deque = collections.deque(maxlen=LATENCY_WINDOW)
-    self._new = 0
-    self._p95 = None
-
-  def add(self, seconds: float) -> None:
-    self.values.append(seconds)
-    self._new += 1
-
-  def p95(self) -> float | None:
-    if len(self.values) < P95_MIN_SAMPLES:
-      return None
-    if self._p95 is None or self._new >= _P95_REFRESH:
-      self._p95, self._new = float(np.percentile(self.values, 95)), 0
-    return self._p95
-
-
-class _Replica:
-  """One replica: its binding, provider and limits, and its health and load."""
-
-  def __init__(self, index: int, binding, runtime, weight: float):
-    self.index, self.binding, self.weight = index, binding, float(weight)
-    self.provider = provider_of(binding, runtime)
-    # The endpoint's own concurrency limit and rate limiter, as its bindings use them.
-    self.limit_key, self.limit = GenerateOp(binding).limit(runtime)
-    self.limiter = runtime.limiter(self.provider.limit_scope(binding))
-    self.methods = {"generate"}
-    if type(self.provider).score_options is not base.Provider.score_options:
-      self.methods.add("score_options")
-    if replica_embedding_dim(self.provider, binding) is not None:
-      self.methods.add("embed")
-    self.current = 0.0           # smooth weighted round robin
-    self.outstanding = self.calls = self.failures = self.hedges = self.wins = 0
-    self.in_a_row = 0            # transient failures since the last success
-    self.ejected_until: float | None = None
-    self.probing = False         # an attempt is probing it after its cool-down
-    self.ejections = 0
-    self.latencies = _Window()
-
 
 class _Plan:
   """What one kind of call (an op: generate, score_options with its options,
@@ -174,7 +85,7 @@ class _Call:
     """The request's `method(binding, *args, ctx)`: one routed attempt."""
     return await self.router.attempt(self, args_and_ctx[-1])
 
-  def failed(self, replica: _Replica, error: BaseException) -> None:
+  def failed(self, replica: Replica, error: BaseException) -> None:
     self.tried.add(replica)
     self.last_error, self.last_replica = error, replica
 
@@ -303,7 +214,7 @@ class MeshRouter(base.Provider):
   def __init__(self, mesh, runtime):
     self.mesh, self.runtime, self.clock = mesh, runtime, runtime.clock
     weights = mesh.get("weights") or (1.0,) * len(mesh.replicas)
-    self.replicas = tuple(_Replica(i, b, runtime, w)
+    self.replicas = tuple(Replica(i, b, runtime, w)
                           for i, (b, w) in enumerate(zip(mesh.replicas, weights)))
     self._strategy = mesh.get("strategy")
     self._hedge_after = mesh.get("hedge_after_s")
@@ -311,7 +222,7 @@ class MeshRouter(base.Provider):
     self._cooldown_s = float(mesh.get("cooldown_s"))
     self._lock = threading.Lock()
     self._next = 0                      # where the turn of the next pick starts
-    self._latencies: dict[str, _Window] = collections.defaultdict(_Window)
+    self._latencies: dict[str, LatencyWindow] = collections.defaultdict(LatencyWindow)
 
   # -- the provider interface the op code uses ----------------------------------------
 
@@ -363,37 +274,27 @@ class MeshRouter(base.Provider):
 
   # -- routing -------------------------------------------------------------------------
 
-  def _usable(self, r: _Replica, now: float, wall: float) -> bool:
-    if r.ejected_until is not None and (now < r.ejected_until or r.probing):
-      return False
-    return r.limiter.paused_until <= wall
-
-  def _pick(self, plan: _Plan, exclude, *, hedge: bool = False) -> _Replica | None:
+  def _pick(self, plan: _Plan, exclude, *, hedge: bool = False) -> Replica | None:
     """The replica for the next attempt (counted in flight), or, for a hedge,
     None where no other healthy replica has room."""
     now, wall = self.clock.now(), time.monotonic()
     with self._lock:
-      usable = [r for r in plan.replicas if self._usable(r, now, wall)]
+      usable = [r for r in plan.replicas if r.usable(now, wall)]
       fresh = [r for r in usable if r not in exclude]
       if hedge:
-        candidates = [r for r in fresh if r.ejected_until is None and r.outstanding < r.limit]
+        candidates = [r for r in fresh if r.healthy and r.has_room]
         if not candidates:
           return None
       else:
         # Every usable replica tried: a new round; none usable: all of them.
         candidates = fresh or usable or list(plan.replicas)
-        candidates = [r for r in candidates if r.outstanding < r.limit] or candidates
+        candidates = [r for r in candidates if r.has_room] or candidates
       # A hedge goes to the least loaded, outside the turn of the strategy.
-      chosen = (min(candidates, key=lambda r: r.outstanding / r.limit) if hedge
-                else self._choose(candidates))
-      if chosen.ejected_until is not None:
-        chosen.probing = True
-      chosen.outstanding += 1
-      chosen.calls += 1
-      chosen.hedges += hedge
+      chosen = min(candidates, key=lambda r: r.load) if hedge else self._choose(candidates)
+      chosen.picked(hedge)
       return chosen
 
-  def _choose(self, candidates: list[_Replica]) -> _Replica:
+  def _choose(self, candidates: list[Replica]) -> Replica:
     if self._strategy == "weighted":
       total = 0.0
       for r in candidates:
@@ -404,7 +305,7 @@ class MeshRouter(base.Provider):
       return chosen
     n, start = len(self.replicas), self._next
     if self._strategy == "least_loaded":     # ties in turn
-      chosen = min(candidates, key=lambda r: (r.outstanding / r.limit, (r.index - start) % n))
+      chosen = min(candidates, key=lambda r: (r.load, (r.index - start) % n))
     else:
       chosen = min(candidates, key=lambda r: (r.index - start) % n)
     self._next = chosen.index + 1
@@ -414,7 +315,7 @@ class MeshRouter(base.Provider):
     """Whether a usable replica is left that this call has not tried."""
     now, wall = self.clock.now(), time.monotonic()
     with self._lock:
-      return any(r not in tried and self._usable(r, now, wall) for r in plan.replicas)
+      return any(r not in tried and r.usable(now, wall) for r in plan.replicas)
 
   def _hedge_delay(self, method: str) -> float | None:
     if self._hedge_after != "p95":
@@ -432,7 +333,7 @@ class MeshRouter(base.Provider):
       return await self._send(call, first, ctx)
     return await self._race(call, first, delay, ctx)
 
-  async def _race(self, call: _Call, first: _Replica, delay: float, ctx: CallContext):
+  async def _race(self, call: _Call, first: Replica, delay: float, ctx: CallContext):
     """`first`'s attempt; if it runs past `delay`, a hedge on another replica
     too. The first answer wins, the other attempt is cancelled; the attempt
     fails only when every attempt started failed."""
@@ -470,7 +371,7 @@ class MeshRouter(base.Provider):
         else:
           task.cancel()
 
-  async def _send(self, call: _Call, replica: _Replica, ctx: CallContext) -> Any:
+  async def _send(self, call: _Call, replica: Replica, ctx: CallContext) -> Any:
     """One attempt on `replica` (picked, so counted in flight) through its
     own request, in a slot of its endpoint's concurrency limit."""
     method = call.plan.method
@@ -498,7 +399,7 @@ class MeshRouter(base.Provider):
       ctx.facts["replica"] = str(replica.binding)     # a trace shows who answered
     return result
 
-  async def _on_worker(self, replica: _Replica, method: str, request: retry.Request,
+  async def _on_worker(self, replica: Replica, method: str, request: retry.Request,
                        ctx: CallContext, start: float) -> Any:
     """A sync replica's attempt, on one of the runtime's workers; it is
     accounted for when it really ends (a cancelled one may run on a while)."""
@@ -526,7 +427,7 @@ class MeshRouter(base.Provider):
                     "or the call was cancelled)")
       raise
 
-  def _ended(self, replica: _Replica, method: str, start: float | None,
+  def _ended(self, replica: Replica, method: str, start: float | None,
              error: BaseException | None) -> None:
     """An attempt on `replica` ended (`start` None: it was never sent)."""
     now = self.clock.now()
@@ -536,35 +437,17 @@ class MeshRouter(base.Provider):
     transient = (error is not None and not cancelled
                  and replica.provider.is_transient(error))
     with self._lock:
-      replica.outstanding -= 1
       if error is None:
-        replica.latencies.add(now - start)
+        replica.succeeded(now - start)
         self._latencies[method].add(now - start)
-        replica.in_a_row, replica.ejected_until, replica.probing = 0, None, False
-        return
-      if cancelled:
-        replica.probing = False
-        return
-      replica.failures += 1
-      if not transient:
-        return
-      replica.in_a_row += 1
-      if replica.probing or (replica.ejected_until is None
-                             and replica.in_a_row >= self._eject_after):
-        replica.ejected_until = now + self._cooldown_s
-        replica.ejections += 1
-      replica.probing = False
+      elif cancelled or start is None:
+        replica.cancelled()
+      else:
+        replica.failed(transient, now, self._eject_after, self._cooldown_s)
 
   # -- what it knows -------------------------------------------------------------------
 
   def stats(self) -> tuple[ReplicaStats, ...]:
     with self._lock:
-      rows = [(r, list(r.latencies.values), r.calls, r.failures, r.hedges, r.wins,
-               r.outstanding, r.ejected_until is not None, r.ejections)
-              for r in self.replicas]
-    out = []
-    for r, latencies, *counts, ejected, ejections in rows:
-      p50, p95 = (np.percentile(latencies, [50, 95]).tolist() if latencies
-                  else (None, None))
-      out.append(ReplicaStats(r.binding, *counts, p50, p95, ejected, ejections))
-    return tuple(out)
+      snapshots = [r.snapshot() for r in self.replicas]
+    return tuple(r.stats(snap) for r, snap in zip(self.replicas, snapshots))
