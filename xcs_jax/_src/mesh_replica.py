@@ -145,6 +145,10 @@ class Replica:
     self.latencies.add(seconds)
     self.in_a_row, self.ejected_until, self.probing = 0, None, False
 
+  def won(self) -> None:
+    """It answered a hedged call first."""
+    self.wins += 1
+
   def cancelled(self) -> None:
     """An attempt was cancelled (or never sent): no news of its health."""
     self.outstanding -= 1

@@ -53,6 +53,7 @@ from xcs_jax._src.providers import base
 from xcs_jax._src.providers import retry
 from xcs_jax._src.scope import CallContext
 
+
 class _Plan:
   """What one kind of call (an op: generate, score_options with its options,
   embed) needs from each replica, looked up once per batch."""
@@ -351,7 +352,7 @@ class MeshRouter(base.Provider):
             continue
           if hedged:
             with self._lock:
-              replica.wins += 1
+              replica.won()
           return task.result()
         if timer in done:
           timer = None
