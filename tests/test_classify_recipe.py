@@ -18,6 +18,7 @@ import xcs_jax
 from xcs_jax.recipes import classify
 from xcs_jax._src.recipes import baseline as baseline_lib
 from xcs_jax._src.recipes import budget as budget_lib
+from xcs_jax._src.recipes import features as features_lib
 from xcs_jax._src.recipes import head as head_lib
 from xcs_jax._src.recipes import prompts
 from xcs_jax._src.recipes import table as table_lib
@@ -68,8 +69,10 @@ def test_cli_learns_k3_classes_and_ends_with_a_json_line(files, capsys):
   assert summary["classes"] == ["neg", "neu", "pos"]
   assert summary["eval_accuracy"] >= 0.8     # word-built classes: the embedding separates them
   assert summary["cache_hits"] == 0
-  # 5 sources x (30 + 15) texts, plus the baseline: 3 instructions x 30 + 15.
-  assert summary["calls"] == 5 * 45 + 3 * 30 + 15
+  # 8 calls per text (the label contrast embeds 3 times) x (30 + 15) texts,
+  # plus the baseline: 3 instructions x 30 + 15.
+  assert summary["calls_per_text"] == 8
+  assert summary["calls"] == 8 * 45 + 3 * 30 + 15
   assert summary["baseline"]["calls"] == 3 * 30 + 15
   assert "zero-shot" in out and "calibrated" in out and "baseline" in out
   assert sum(line.startswith("*") for line in out.splitlines()) == 2  # chosen row + footnote
@@ -79,25 +82,26 @@ def test_calls_are_counted_per_item_from_usage(files, capsys):
   before = sum(u["calls"] for u in xcs_jax.usage().values())
   summary, _ = cli(capsys, "--train", files[0], "--eval", files[1], "--no-baseline")
   after = sum(u["calls"] for u in xcs_jax.usage().values())
-  assert summary["calls"] == after - before == 5 * 45
+  assert summary["calls"] == after - before == 8 * 45
   assert summary["baseline"] is None
 
 
 def test_budget_caps_every_call_of_the_run(files, capsys):
-  summary, out = cli(capsys, "--train", files[0], "--eval", files[1], "--budget", "200")
-  assert summary["calls"] <= 200
-  assert summary["budget"] == 200
-  # half each: the program fits 2 sources over 45 texts; the baseline as many calls.
-  assert summary["program_calls"] == 90
+  summary, out = cli(capsys, "--train", files[0], "--eval", files[1], "--budget", "400")
+  assert summary["calls"] <= 400
+  assert summary["budget"] == 400
+  # half each: the program fits sources [1] (3 calls per text) and [2] (1) over
+  # 45 texts; the baseline gets as many calls.
+  assert summary["program_calls"] == 4 * 45
   assert summary["baseline"]["calls"] <= summary["program_calls"]
-  assert "[3]" not in out.split("program")[0]  # only sources [1] and [2] were made
+  assert "[2]" in out and "[3]" not in out.split("program")[0]
 
 
 def test_a_tight_budget_learns_from_fewer_training_texts(files, capsys):
-  summary, _ = cli(capsys, "--train", files[0], "--eval", files[1], "--budget", "27",
+  summary, _ = cli(capsys, "--train", files[0], "--eval", files[1], "--budget", "81",
                    "--no-baseline")
-  assert summary["calls"] <= 27
-  assert summary["train_texts"] == 12   # one source: 27 - 15 eval texts
+  assert summary["calls"] <= 81
+  assert summary["train_texts"] == 12   # the first source, 3 calls per text: 81 / 3 - 15
 
 
 def test_a_budget_below_the_eval_file_is_a_clear_error(files, capsys):
@@ -162,7 +166,7 @@ def test_custom_instructions_seed_and_batch_size(files, capsys):
   a, out = cli(capsys, "--train", files[0], "--eval", files[1], "--instruction", instruction,
                "--seed", "3", "--batch-size", "7", "--no-baseline")
   assert "Pick one of neg, neu or pos for this review.\\nText: {text}" in out
-  assert a["seed"] == 3 and a["calls"] == 3 * 45   # 1 instruction + 2 embeddings
+  assert a["seed"] == 3 and a["calls"] == 6 * 45   # 1 instruction + contrast (3) + 2 embeddings
   b, _ = cli(capsys, "--train", files[0], "--eval", files[1], "--instruction", instruction,
              "--seed", "3", "--no-baseline")
   for key in ("eval_accuracy", "train_accuracy", "cv_accuracy", "program"):
@@ -173,10 +177,10 @@ def test_progress_bars_go_to_stderr_and_can_be_turned_off(files, capsys):
   classify.main(["--model", "fake:echo", "--train", files[0], "--eval", files[1],
                  "--no-baseline"])
   captured = capsys.readouterr()
-  assert "train: source 1/5" in captured.err
+  assert "train: source 1/6" in captured.err
   json.loads(captured.out.strip().splitlines()[-1])
   cli(capsys, "--train", files[0], "--eval", files[1], "--no-baseline")
-  assert "source 1/5" not in capsys.readouterr().err
+  assert "source 1/6" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("content, message", [
@@ -254,15 +258,16 @@ def test_load_needs_eval_and_rejects_another_model(files, tmp_path, capsys):
 
 
 def test_plan_drops_sources_first_then_training_texts():
-  kw = dict(num_train=100, num_eval=50, num_sources=5, num_instructions=3, num_classes=2)
-  assert budget_lib.plan(None, baseline=True, **kw) == (5, 100, 3, 100)
-  p = budget_lib.plan(700, baseline=True, **kw)
-  assert p.num_sources == 2 and p.calls(50) <= 700
+  kw = dict(num_train=100, num_eval=50, source_calls=[2, 1, 1, 1], num_instructions=3,
+            num_classes=2)
+  assert budget_lib.plan(None, baseline=True, **kw) == (4, 5, 100, 3, 100)
+  p = budget_lib.plan(1000, baseline=True, **kw)
+  assert (p.num_sources, p.calls_per_text) == (2, 3) and p.calls(50) <= 1000
   assert p.baseline_calls(50) <= p.program_calls(50)
-  p = budget_lib.plan(100, baseline=False, **kw)
-  assert p == (1, 50, 0, 0)
-  with pytest.raises(ValueError, match="at least 108"):
-    budget_lib.plan(100, baseline=True, **kw)
+  p = budget_lib.plan(200, baseline=False, **kw)
+  assert p == (1, 2, 50, 0, 0)
+  with pytest.raises(ValueError, match="at least 216"):
+    budget_lib.plan(200, baseline=True, **kw)
 
 
 def test_stratified_order_keeps_every_prefix_balanced():
@@ -331,3 +336,49 @@ def test_recipe_on_the_local_model(tmp_path, capsys):
                  "--budget", "24", "--no-progress"])
   summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert summary["calls"] <= 24 and summary["eval_accuracy"] is not None
+
+
+def test_candidate_instructions_take_turns_naming_each_label_first():
+  sources = classify.default_sources(["a", "b", "c"])
+  scores = [s.template for s in sources if s.kind == "score"]
+  assert [t.split("\n")[0].count("a, b or c") > 0 for t in scores] == [True, False, False]
+  assert "b, c or a" in scores[1] and "c, a or b" in scores[2]
+  assert [s.kind for s in sources] == ["contrast", "score", "embed", "score", "score",
+                                       "embed"]
+  assert sources[0].calls_per_text == 3
+  assert all(s.options == ("a", "b", "c", "A", "B", "C") for s in sources if s.kind == "score")
+
+
+def test_contrast_features_keep_only_what_differs_between_labels():
+  rng = np.random.default_rng(0)
+  shared = rng.standard_normal((5, 1, 8))          # the text's own tokens: the same for every label
+  per_label = rng.standard_normal((1, 3, 8))       # what reading each label adds
+  raw = shared + per_label
+  out = features_lib.contrast_features(raw)
+  assert out.shape == (5, 2 * 8)
+  np.testing.assert_allclose(out, np.broadcast_to(out[:1], out.shape), atol=1e-6)
+  centred = per_label[0] - per_label[0].mean(0)
+  np.testing.assert_allclose(out[0], (centred / np.linalg.norm(centred))[:2].ravel(), atol=1e-6)
+
+
+def test_mean_of_heads_is_the_mean_of_the_logits():
+  rng = np.random.default_rng(0)
+  heads = [head_lib.LinearHead(head_lib.Standardizer(rng.standard_normal(d).astype(np.float32),
+                                                     np.ones(d, np.float32)),
+                               rng.standard_normal((d, 3)).astype(np.float32),
+                               rng.standard_normal(3).astype(np.float32)) for d in (2, 5)]
+  x = [rng.standard_normal((4, 2)), rng.standard_normal((4, 5))]
+  joint = head_lib.mean_of_heads(heads)
+  np.testing.assert_allclose(joint.logits(np.concatenate(x, 1)),
+                             (heads[0].logits(x[0]) + heads[1].logits(x[1])) / 2, atol=1e-5)
+
+
+def test_load_refuses_label_names_and_bad_batch_sizes(files, tmp_path, capsys):
+  folder = str(tmp_path / "p")
+  cli(capsys, "--train", files[0], "--save", folder, "--no-baseline")
+  with pytest.raises(SystemExit):
+    cli(capsys, "--load", folder, "--eval", files[1], "--label-names", "neg=bad")
+  assert "drop `--label-names` when loading" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    cli(capsys, "--train", files[0], "--batch-size", "0")
+  assert "`--batch-size` must be a positive" in capsys.readouterr().err

@@ -6,7 +6,7 @@ count (a plan never relies on them: it is an upper bound).
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
@@ -17,6 +17,7 @@ class Plan(NamedTuple):
   Attributes:
     num_sources: feature sources of the learned program (a prefix of the
       candidate sources).
+    calls_per_text: the calls those sources make per text.
     num_train: training texts the program learns from (a stratified subset
       when the budget cannot score them all).
     baseline_instructions: candidate instructions the baseline tries (0: no
@@ -24,12 +25,13 @@ class Plan(NamedTuple):
     baseline_train: training texts the baseline judges each candidate on.
   """
   num_sources: int
+  calls_per_text: int
   num_train: int
   baseline_instructions: int
   baseline_train: int
 
   def program_calls(self, num_eval: int) -> int:
-    return self.num_sources * (self.num_train + num_eval)
+    return self.calls_per_text * (self.num_train + num_eval)
 
   def baseline_calls(self, num_eval: int) -> int:
     if not self.baseline_instructions:
@@ -40,15 +42,16 @@ class Plan(NamedTuple):
     return self.program_calls(num_eval) + self.baseline_calls(num_eval)
 
 
-def plan(budget: int | None, *, num_train: int, num_eval: int, num_sources: int,
+def plan(budget: int | None, *, num_train: int, num_eval: int, source_calls: Sequence[int],
          num_instructions: int, num_classes: int, baseline: bool) -> Plan:
   """The largest run that fits `budget` calls (None: no cap).
 
-  The program and the baseline get the same share (half each with a
-  baseline); the baseline never makes more calls than the program. The
-  program keeps every training text and drops sources first (the labels are
-  the scarce part); only when one source over all texts does not fit does it
-  learn from fewer texts.
+  `source_calls` are the calls per text of the candidate sources, in the
+  order they are kept. The program and the baseline get the same share (half
+  each with a baseline); the baseline never makes more calls than the
+  program. The program keeps every training text and drops sources from the
+  end first (the labels are the scarce part); only when the first source
+  over all texts does not fit does it learn from fewer texts.
 
   Raises:
     ValueError: the budget cannot pay for one source over the evaluation
@@ -58,21 +61,23 @@ def plan(budget: int | None, *, num_train: int, num_eval: int, num_sources: int,
                              or budget < 1):
     raise ValueError(f"`--budget` must be a positive number of model calls; got {budget!r}.")
   share = None if budget is None else (budget // 2 if baseline else budget)
-  per_text = num_train + num_eval
-  sources, train = num_sources, num_train
-  if share is not None and share < sources * per_text:
-    sources = share // per_text
+  texts = num_train + num_eval
+  cumulative = np.cumsum(source_calls)
+  sources, train = len(source_calls), num_train
+  if share is not None and share < cumulative[-1] * texts:
+    sources = int(np.sum(cumulative * texts <= share))
     if sources == 0:
-      sources, train = 1, share - num_eval
+      sources, train = 1, share // source_calls[0] - num_eval
+  per_text = int(cumulative[sources - 1])
   least = 2 * num_classes
   if train < least:
-    need = (num_eval + least) * (2 if baseline else 1)
+    need = source_calls[0] * (num_eval + least) * (2 if baseline else 1)
     raise ValueError(
         f"`--budget {budget}` is too small: one call per evaluation text ({num_eval}) and "
         f"per training text for at least {least} training texts (2 per class) needs "
         f"{need} calls{' with the baseline' if baseline else ''}. Raise `--budget` to at "
         f"least {need}{', or pass `--no-baseline`' if baseline else ''}.")
-  program = sources * (train + num_eval)
+  program = per_text * (train + num_eval)
   instructions = baseline_train = 0
   if baseline and num_instructions:
     spare = program - num_eval   # the baseline matches the program's calls
@@ -80,7 +85,7 @@ def plan(budget: int | None, *, num_train: int, num_eval: int, num_sources: int,
     baseline_train = min(num_train, spare // instructions) if instructions else 0
     if baseline_train < 1:
       instructions = baseline_train = 0
-  return Plan(sources, train, instructions, baseline_train)
+  return Plan(sources, per_text, train, instructions, baseline_train)
 
 
 def stratified_order(labels: np.ndarray, seed: int) -> np.ndarray:

@@ -82,13 +82,22 @@ def fit(texts: Sequence[str], labels: Sequence[Any], *, model: str = DEFAULT_MOD
   if not sources:
     raise ValueError("no sources to learn from: give at least one instruction, or "
                      "`embeddings=True`, and `max_sources` >= 1.")
-  binding = bind(model)
-  features = [features_lib.compute_features(binding, s, texts, batch_size=batch_size,
-                                            progress=progress,
-                                            desc=f"train: {s.name} {i + 1}/{len(sources)}")
-              for i, s in enumerate(sources)]
+  features, _ = _compute(bind(model), sources, texts, "train", batch_size, progress)
   return learn_lib.learn(model, labelset, sources, features, y, seed=seed,
                          progress=progress)
+
+
+def _compute(binding, sources, texts, split: str, batch_size: int, progress: bool
+             ) -> tuple[list[np.ndarray], list[float]]:
+  """Every source's features of `texts`, and the seconds each took."""
+  features, seconds = [], []
+  for i, source in enumerate(sources):
+    start = time.perf_counter()
+    features.append(features_lib.compute_features(
+        binding, source, texts, batch_size=batch_size, progress=progress,
+        desc=f"{split}: source {i + 1}/{len(sources)}"))
+    seconds.append(time.perf_counter() - start)
+  return features, seconds
 
 
 def _usage_totals() -> tuple[int, int]:
@@ -124,6 +133,8 @@ def run(*, train: str | None = None, eval: str | None = None,  # pylint: disable
   if load is not None and save is not None:
     raise ValueError("`--save` keeps a program learned with `--train`; with `--load` "
                      "there is nothing new to save.")
+  if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+    raise ValueError(f"`--batch-size` must be a positive number of texts; got {batch_size!r}.")
   if isinstance(label_names, str) or label_names is None:
     label_names = table_lib.parse_label_names(label_names)
   instructions = tuple(instructions or prompts.DEFAULT_INSTRUCTIONS)
@@ -139,11 +150,10 @@ def run(*, train: str | None = None, eval: str | None = None,  # pylint: disable
       raise ValueError(f"`--model {model}`: the program in {load} reads features of "
                        f"{program.model!r}; drop `--model`, or learn a program for "
                        f"{model!r} with `--train`.")
-    if label_names and dict(zip(program.labels.labels, program.labels.names)) != {
-        **dict(zip(program.labels.labels, program.labels.labels)), **label_names}:
-      raise ValueError(f"`--label-names`: the program in {load} was learned with "
-                       f"{dict(zip(program.labels.labels, program.labels.names))}; "
-                       "drop `--label-names` when loading.")
+    if label_names:
+      raise ValueError(f"`--label-names`: the program in {load} keeps the words it was "
+                       f"learned with ({dict(zip(program.labels.labels, program.labels.names))});"
+                       " drop `--label-names` when loading.")
     return _evaluate_loaded(program, eval_table, budget, batch_size, progress, out,
                             start, calls0, hits0)
 
@@ -158,7 +168,8 @@ def run(*, train: str | None = None, eval: str | None = None,  # pylint: disable
   n_eval = len(eval_table.texts) if eval_table is not None else 0
   candidates = learn_lib.default_sources(labelset.names, instructions)
   plan = budget_lib.plan(budget, num_train=len(train_table.texts), num_eval=n_eval,
-                         num_sources=len(candidates), num_instructions=len(instructions),
+                         source_calls=[c.calls_per_text for c in candidates],
+                         num_instructions=len(instructions),
                          num_classes=labelset.num_classes, baseline=baseline)
   order = budget_lib.stratified_order(y_train, seed)
   keep = np.sort(order[:plan.num_train])
@@ -170,64 +181,74 @@ def run(*, train: str | None = None, eval: str | None = None,  # pylint: disable
       f"{f' (of {len(train_table.texts)}, to fit --budget {budget})' if len(texts) < len(train_table.texts) else ''}"
       f", {n_eval} evaluation texts; classes "
       + ", ".join(f"{l}={n}" if l != n else l for l, n in zip(labelset.labels, labelset.names)))
-  features = [features_lib.compute_features(binding, s, texts, batch_size=batch_size,
-                                            progress=progress,
-                                            desc=f"train: source {i + 1}/{len(sources)}")
-              for i, s in enumerate(sources)]
+  features, seconds = _compute(binding, sources, texts, "train", batch_size, progress)
+  learn_start = time.perf_counter()
   result = learn_lib.learn(model, labelset, sources, features, y, seed=seed,
                            progress=progress)
-  program_calls = _usage_totals()[0] - calls0
+  learn_seconds = time.perf_counter() - learn_start
   eval_features = None
   if eval_table is not None:
-    eval_features = [features_lib.compute_features(binding, s, eval_table.texts,
-                                                   batch_size=batch_size, progress=progress,
-                                                   desc=f"eval: source {i + 1}/{len(sources)}")
-                     for i, s in enumerate(sources)]
+    eval_features, eval_seconds = _compute(binding, sources, eval_table.texts, "eval",
+                                           batch_size, progress)
+    seconds = [a + b for a, b in zip(seconds, eval_seconds)]
   program_calls = _usage_totals()[0] - calls0
   if save is not None:
     result.program.save(save)
 
   base = None
   if plan.baseline_instructions:
+    templates = [c.template for c in candidates if c.kind == "score"]
     base_keep = np.sort(order[:plan.baseline_train])
-    templates = [prompts.prompt_template(i, labelset.names)
-                 for i in instructions[:plan.baseline_instructions]]
-    calls_before = _usage_totals()[0]
-    found = baseline_lib.search_instructions(
-        binding, templates, [train_table.texts[i] for i in base_keep], y_train[base_keep],
-        labelset.names, eval_table.texts if eval_table is not None else None,
-        batch_size=batch_size, progress=progress)
-    base = {"instruction": instructions[found.best],
-            "train_accuracy": found.train_accuracy[found.best],
-            "candidates_train_accuracy": list(found.train_accuracy),
-            "train_texts": int(plan.baseline_train),
-            "eval_accuracy": (_accuracy(found.eval_predictions, y_eval)
-                              if y_eval is not None else None),
-            "calls": _usage_totals()[0] - calls_before}
-
-  rows = []
-  for trial in result.trials:
-    picked = [sources.index(s) for s in trial.program.sources]
-    train_acc = _accuracy(trial.program.logits([features[i] for i in picked]).argmax(-1), y)
-    eval_acc = None
-    if eval_features is not None:
-      eval_acc = _accuracy(trial.program.logits([eval_features[i] for i in picked]).argmax(-1),
-                           y_eval)
-    rows.append((trial, train_acc, eval_acc))
+    base = _run_baseline(binding, templates[:plan.baseline_instructions],
+                         [train_table.texts[i] for i in base_keep], y_train[base_keep],
+                         labelset, eval_table, y_eval, batch_size, progress)
+  rows = [(trial, *_accuracies(trial.program, sources, features, y, eval_features, y_eval))
+          for trial in result.trials]
   chosen = next(r for r in rows if r[0].chosen)
   out("")
-  out(format_table(rows, sources, base, len(texts), n_eval))
+  out(format_table(rows, sources, seconds, base, len(texts), n_eval))
+  out(f"fitting every head above: {learn_seconds:.1f} s")
   calls, hits = _usage_totals()
   summary = {
       "eval_accuracy": chosen[2], "train_accuracy": chosen[1],
       "cv_accuracy": chosen[0].cv_accuracy, "calls": calls - calls0,
       "cache_hits": hits - hits0, "seconds": round(time.perf_counter() - start, 2),
       "program": chosen[0].description, "program_calls": program_calls,
-      "calls_per_text": chosen[0].program.calls_per_text(),
-      "baseline": base, "model": model, "train_texts": len(texts), "eval_texts": n_eval,
+      "calls_per_text": chosen[0].program.calls_per_text,
+      "source_seconds": [round(x, 2) for x in seconds],
+      "learn_seconds": round(learn_seconds, 2), "baseline": base, "model": model,
+      "train_texts": len(texts), "eval_texts": n_eval,
       "classes": list(labelset.labels), "budget": budget, "seed": seed,
   }
   return summary
+
+
+def _run_baseline(binding, templates, texts, y, labelset, eval_table, y_eval, batch_size,
+                  progress) -> dict:
+  """The prompt-search baseline and its summary."""
+  calls_before, start = _usage_totals()[0], time.perf_counter()
+  found = baseline_lib.search_instructions(
+      binding, templates, texts, y, labelset.names,
+      eval_table.texts if eval_table is not None else None, batch_size=batch_size,
+      progress=progress)
+  return {"instruction": templates[found.best],
+          "train_accuracy": found.train_accuracy[found.best],
+          "candidates_train_accuracy": list(found.train_accuracy),
+          "train_texts": len(texts),
+          "eval_accuracy": (_accuracy(found.eval_predictions, y_eval)
+                            if y_eval is not None else None),
+          "calls": _usage_totals()[0] - calls_before,
+          "seconds": round(time.perf_counter() - start, 2)}
+
+
+def _accuracies(program, sources, features, y, eval_features, y_eval):
+  """(train, eval) accuracy of `program` from every source's features."""
+  picked = [sources.index(s) for s in program.sources]
+  train = _accuracy(program.logits([features[i] for i in picked]).argmax(-1), y)
+  if eval_features is None:
+    return train, None
+  return train, _accuracy(program.logits([eval_features[i] for i in picked]).argmax(-1),
+                          y_eval)
 
 
 def _evaluate_loaded(program, eval_table, budget, batch_size, progress, out, start,
@@ -235,10 +256,10 @@ def _evaluate_loaded(program, eval_table, budget, batch_size, progress, out, sta
   if eval_table is None:
     raise ValueError("`--load` needs `--eval FILE`: the texts to classify and score.")
   n = len(eval_table.texts)
-  need = program.calls_per_text() * n
+  need = program.calls_per_text * n
   if budget is not None and need > budget:
     raise ValueError(f"`--budget {budget}` is too small: the loaded program makes "
-                     f"{program.calls_per_text()} call(s) per text, {need} for {n} texts. "
+                     f"{program.calls_per_text} call(s) per text, {need} for {n} texts. "
                      f"Raise `--budget` to at least {need}.")
   y_eval = np.asarray(program.labels.indices(eval_table.labels, eval_table.path), np.int32)
   predicted = program.predict_indices(eval_table.texts, batch_size=batch_size,
@@ -250,7 +271,7 @@ def _evaluate_loaded(program, eval_table, budget, batch_size, progress, out, sta
   return {"eval_accuracy": acc, "train_accuracy": None, "cv_accuracy": None,
           "calls": calls - calls0, "cache_hits": hits - hits0,
           "seconds": round(time.perf_counter() - start, 2), "program": program.description,
-          "program_calls": calls - calls0, "calls_per_text": program.calls_per_text(),
+          "program_calls": calls - calls0, "calls_per_text": program.calls_per_text,
           "baseline": None,
           "model": program.model, "train_texts": 0, "eval_texts": n,
           "classes": list(program.labels.labels), "budget": budget, "seed": None}
@@ -260,28 +281,34 @@ def _pct(x: float | None) -> str:
   return "   -  " if x is None else f"{x:6.3f}"
 
 
-def format_table(rows, sources, base, n_train: int, n_eval: int) -> str:
+def format_table(rows, sources, seconds, base, n_train: int, n_eval: int) -> str:
   """What the recipe tried: cross-validated, training and evaluation accuracy."""
-  lines = ["sources (one model call per text each):"]
-  for i, s in enumerate(sources):
-    what = (f"option log-probs {list(s.options)} of: {s.template!r}" if s.kind == "score"
-            else f"embedding of: {s.template!r}")
-    lines.append(f"  [{i + 1}] {what}")
-  width = max([len(r[0].description) for r in rows] + [40])
+  n = n_train + n_eval
+  lines = [f"sources (calls for {n_train} + {n_eval} texts, seconds):"]
+  for i, (s, secs) in enumerate(zip(sources, seconds)):
+    what = {"score": f"option log-probs {list(s.options)} of: {s.template!r}",
+            "embed": f"embedding of: {s.template!r}",
+            "contrast": f"label-contrast embedding of: {s.template!r} for {{label}} in "
+                        f"{list(s.options)}"}[s.kind]
+    lines.append(f"  [{i + 1}] {what} ({s.calls_per_text * n} calls, {secs:.0f} s)")
+  base_what = ""
+  if base is not None:
+    base_what = (f"baseline: generated answer, best of {len(base['candidates_train_accuracy'])} "
+                 f"instructions on {base['train_texts']} train texts")
+  width = max([len(r[0].description) for r in rows] + [len(base_what)])
   lines.append("")
   lines.append(f"  {'program':<{width}}  calls/text  cv acc  train acc  eval acc")
   for trial, train_acc, eval_acc in rows:
     mark = "*" if trial.chosen else " "
-    lines.append(f"{mark} {trial.description:<{width}}  {trial.program.calls_per_text():>10}  "
+    lines.append(f"{mark} {trial.description:<{width}}  {trial.program.calls_per_text:>10}  "
                  f"{_pct(trial.cv_accuracy)}  {_pct(train_acc):>9}  {_pct(eval_acc):>8}")
   if base is not None:
-    what = (f"baseline: generated answer, best of {len(base['candidates_train_accuracy'])} "
-            f"instructions on {base['train_texts']} train texts")
-    lines.append(f"  {what:<{width}}  {1:>10}  {'   -  '}  {_pct(base['train_accuracy']):>9}  "
+    lines.append(f"  {base_what:<{width}}  {1:>10}  {'   -  '}  {_pct(base['train_accuracy']):>9}  "
                  f"{_pct(base['eval_accuracy']):>8}")
-    lines.append(f"  (baseline's choice: {base['instruction']!r}; its calls: {base['calls']})")
-  lines.append(f"* the learned program (lowest cross-validated NLL); {n_train} train / "
-               f"{n_eval} eval texts; cv = 5-fold cross-validation on train")
+    lines.append(f"  (baseline's choice: {base['instruction']!r}; {base['calls']} calls, "
+                 f"{base['seconds']:.0f} s)")
+  lines.append(f"* the learned program; {n_train} train / {n_eval} eval texts; cv acc = "
+               "accuracy of out-of-fold predictions (5-fold cross-validation on train)")
   return "\n".join(lines)
 
 

@@ -57,10 +57,18 @@ def identity_head(num_classes: int) -> LinearHead:
 
 
 class CrossValidation(NamedTuple):
-  """Mean held-out metrics per L2 strength, over the folds."""
+  """Held-out metrics per L2 strength, over the folds.
+
+  Attributes:
+    l2_grid: the strengths tried.
+    nll, accuracy: `[len(l2_grid)]`, mean over the held-out examples.
+    logits: `[len(l2_grid), N, K]`, each example's logits from the fit that
+      did not see it (out-of-fold).
+  """
   l2_grid: tuple[float, ...]
-  nll: np.ndarray        # [len(l2_grid)]
-  accuracy: np.ndarray   # [len(l2_grid)]
+  nll: np.ndarray
+  accuracy: np.ndarray
+  logits: np.ndarray
 
   @property
   def best_index(self) -> int:
@@ -71,6 +79,11 @@ class CrossValidation(NamedTuple):
   @property
   def best_l2(self) -> float:
     return self.l2_grid[self.best_index]
+
+  @property
+  def best_logits(self) -> np.ndarray:
+    """Out-of-fold logits `[N, K]` at the chosen strength."""
+    return self.logits[self.best_index]
 
 
 def fit_standardizer(x: np.ndarray, group_sizes: Sequence[int] | None = None) -> Standardizer:
@@ -205,17 +218,23 @@ def cross_validate(x: np.ndarray, y: np.ndarray, num_classes: int, *, kind: str 
   l2_grid = tuple(l2_grid) if kind == "linear" else (0.0,)
   num_folds = max(2, min(num_folds, int(np.bincount(y).max())))
   fold = stratified_folds(y, num_folds, seed)
-  nll = np.zeros((num_folds, len(l2_grid)))
-  acc = np.zeros((num_folds, len(l2_grid)))
+  logits = np.zeros((len(l2_grid), len(y), num_classes), np.float32)
   for f in range(num_folds):
     train, held = fold != f, fold == f
     xs = _standardizer(kind, x[train], group_sizes)(x)
     params = _fit(kind, xs, y, np.tile(train.astype(np.float32), (len(l2_grid), 1)),
                   l2_grid, num_classes, steps)
-    logp = _log_softmax(_np_logits(kind, params, xs[held]))       # [M, n_held, K]
-    nll[f] = -logp[:, np.arange(held.sum()), y[held]].mean(1)
-    acc[f] = (logp.argmax(-1) == y[held][None]).mean(1)
-  return CrossValidation(l2_grid, nll.mean(0), acc.mean(0))
+    logits[:, held] = _np_logits(kind, params, xs[held])
+  nll, acc = scores(logits, y)
+  return CrossValidation(l2_grid, nll, acc, logits)
+
+
+def scores(logits: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Mean NLL and accuracy of `logits [..., N, K]` for labels `y [N]`."""
+  logp = _log_softmax(np.asarray(logits, np.float64))
+  nll = -np.take_along_axis(logp, np.broadcast_to(y[:, None], logp.shape[:-1] + (1,)),
+                            -1)[..., 0].mean(-1)
+  return nll, (logp.argmax(-1) == y).mean(-1)
 
 
 def fit_head(x: np.ndarray, y: np.ndarray, num_classes: int, *, kind: str = "linear",
@@ -235,3 +254,14 @@ def fit_head(x: np.ndarray, y: np.ndarray, num_classes: int, *, kind: str = "lin
   k = b.shape[0]
   return LinearHead(Standardizer(np.zeros(k, np.float32), np.full(k, np.exp(log_t), np.float32)),
                     np.eye(k, dtype=np.float32), b.astype(np.float32))
+
+
+def mean_of_heads(heads: Sequence[LinearHead]) -> LinearHead:
+  """One head over the concatenated inputs whose logits are the mean of
+  `heads`' logits (a linear map of linear heads is linear)."""
+  n = len(heads)
+  return LinearHead(
+      Standardizer(np.concatenate([h.standardizer.mean for h in heads]),
+                   np.concatenate([h.standardizer.scale for h in heads])),
+      np.concatenate([h.w for h in heads], axis=0) / n,
+      np.mean([h.b for h in heads], axis=0).astype(np.float32))

@@ -62,7 +62,7 @@ class Program:
     binding = binding if binding is not None else bind(self.model)
     return [features_lib.compute_features(binding, s, texts, batch_size=batch_size,
                                           progress=progress,
-                                          desc=f"{s.name} {i + 1}/{len(self.sources)}")
+                                          desc=f"source {i + 1}/{len(self.sources)}")
             for i, s in enumerate(self.sources)]
 
   def predict_indices(self, texts: Sequence[str], **kwargs) -> np.ndarray:
@@ -73,8 +73,10 @@ class Program:
     """The label of each text, as written in the training data."""
     return [self.labels.labels[k] for k in self.predict_indices(texts, **kwargs)]
 
+  @property
   def calls_per_text(self) -> int:
-    return len(self.sources)
+    """Model calls `predict` makes per text."""
+    return sum(s.calls_per_text for s in self.sources)
 
   def save(self, folder: str | os.PathLike) -> None:
     """Writes `program.json` and `head.npz` into `folder` (made if missing)."""

@@ -4,6 +4,12 @@ Nothing here names a task: an instruction is a template with `{labels}` (the
 label words, e.g. "negative or positive") and the text goes last, after
 "Text: ", so every prompt of one instruction shares the instruction as a
 prefix (the local provider then evaluates only the new tokens).
+
+A small model favours the label named first (SmolLM2-135M on SST-2: 99% of
+answers "negative" when the prompt says "negative or positive", 87%
+"positive" the other way round), so candidate instruction `i` names the
+labels rotated by `i`: each label comes first in some instruction, and the
+heads learn from both biases.
 """
 from __future__ import annotations
 
@@ -13,10 +19,11 @@ from typing import Sequence
 # one zero-shot and calibrated rows read).
 DEFAULT_INSTRUCTIONS = (
     "Classify the text as one of: {labels}. Answer with the label only.",
+    "Is this text {labels}? Answer with one word: {labels}.",
     "Which of these labels fits the text best: {labels}?",
-    "Read the text and answer with one word: {labels}.",
 )
 TEXT_SLOT = "{text}"
+LABEL_SLOT = "{label}"
 
 
 def label_phrase(names: Sequence[str]) -> str:
@@ -39,16 +46,29 @@ def check_instruction(instruction: str) -> str:
   return instruction
 
 
-def prompt_template(instruction: str, names: Sequence[str]) -> str:
-  """The prompt with `{text}` left to fill: the instruction, then the text."""
+def rotated(names: Sequence[str], shift: int) -> list[str]:
+  """`names` rotated left by `shift` (the label named first changes)."""
+  names = list(names)
+  shift %= len(names)
+  return names[shift:] + names[:shift]
+
+
+def prompt_template(instruction: str, names: Sequence[str], rotation: int = 0) -> str:
+  """The prompt with `{text}` left to fill: the instruction, then the text.
+
+  `{labels}` names the labels in their order rotated by `rotation`.
+  """
   check_instruction(instruction)
-  filled = instruction.replace("{labels}", label_phrase(names))
+  filled = instruction.replace("{labels}", label_phrase(rotated(names, rotation)))
   if TEXT_SLOT not in instruction:
     filled = filled + "\nText: " + TEXT_SLOT
   return filled.replace("{{", "{").replace("}}", "}")
 
 
-def fill(template: str, text: str) -> str:
+def fill(template: str, text: str, label: str | None = None) -> str:
+  """`template` with the text (and a label word) put in."""
+  if label is not None:
+    template = template.replace(LABEL_SLOT, label)
   return template.replace(TEXT_SLOT, text)
 
 
@@ -63,6 +83,12 @@ def answer_options(names: Sequence[str]) -> tuple[str, ...]:
   extra = tuple(n[:1].upper() + n[1:] for n in names)
   extra = tuple(e for e in extra if e not in names)
   return names + tuple(dict.fromkeys(extra))
+
+
+def contrast_template() -> str:
+  """The text, then a statement of one label (`{label}`): to embed once per
+  label (see `features.py`, 'contrast')."""
+  return "Text: " + TEXT_SLOT + "\nThis text is " + LABEL_SLOT + "."
 
 
 def question_template(names: Sequence[str]) -> str:
