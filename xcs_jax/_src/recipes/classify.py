@@ -15,7 +15,6 @@ from typing import Any, Sequence
 
 import numpy as np
 
-import xcs_jax
 from xcs_jax._src.models import bind
 from xcs_jax._src.recipes import baseline as baseline_lib
 from xcs_jax._src.recipes import budget as budget_lib
@@ -25,6 +24,7 @@ from xcs_jax._src.recipes import program as program_lib
 from xcs_jax._src.recipes import prompts
 from xcs_jax._src.recipes import table as table_lib
 from xcs_jax._src.recipes.learn import FitResult
+from xcs_jax._src.runtime import current_runtime
 
 DEFAULT_MODEL = "local:smollm2"
 
@@ -101,8 +101,9 @@ def _compute(binding, sources, texts, split: str, batch_size: int, progress: boo
 
 
 def _usage_totals() -> tuple[int, int]:
-  """(calls, cache hits) over every binding of the current runtime."""
-  usage = xcs_jax.usage().values()
+  """(calls, cache hits) over every binding of the current runtime, as
+  `xcs_jax.usage()` reports them (a `cache_hits` counter counts where present)."""
+  usage = current_runtime().usage.snapshot().values()
   return (int(sum(u.get("calls", 0) for u in usage)),
           int(sum(u.get("cache_hits", 0) for u in usage)))
 

@@ -9,9 +9,10 @@ Two heads, one fitting path:
   calibration of examples/calibrate_classifier.py.
 
 Both are fit full batch with `optax.adam` for a fixed number of steps (the
-problems are small and convex). Every fit of a cross-validation grid (folds x
-L2 strengths) runs as ONE vmapped, jitted optimization: a fold is a 0/1
-weight per training example, so all fits share one shape and compile once.
+problems are small and convex). The fits of one cross-validation fold, one
+per L2 strength, run as ONE vmapped, jitted optimization; a fold is a 0/1
+weight per training example, so every fold's fits share one shape, and
+feature widths are padded to a few sizes, so a run compiles a few times.
 A fitted head of either kind is a `LinearHead`.
 """
 from __future__ import annotations
@@ -123,7 +124,7 @@ def _fit_one(kind, x, y, weights, l2, num_classes: int, steps: int):
   """Adam, full batch, a fixed number of steps.
 
   A fixed step count (no line search, no convergence test) keeps the fits of
-  a vmapped grid in lock step, so a grid of 55 fits costs about one fit.
+  a vmapped grid in lock step, so 11 strengths cost little more than one.
   """
   params = _init(kind, x.shape[1], num_classes)
   optimizer = optax.adam(LEARNING_RATE)
