@@ -1,7 +1,7 @@
 """The classify recipe: learn a text classifier on a small model's numbers.
 
 `fit` learns a `Program` from labelled texts (see `learn.py` for what it
-tries and how it chooses); `run` is the whole recipe the command line runs:
+fits and why); `run` is the whole recipe the command line runs:
 plan the calls within a budget, learn (or load) a program, run the
 prompt-search baseline at the same call budget, evaluate both, and return a
 summary. `main` is the command line (`python -m xcs_jax.recipes.classify`).
@@ -37,9 +37,10 @@ def fit(texts: Sequence[str], labels: Sequence[Any], *, model: str = DEFAULT_MOD
         progress: bool = True) -> FitResult:
   """Learns a classification program from labelled texts.
 
-  Makes one model call per candidate source per text (option
-  log-probabilities under each instruction, embeddings), then chooses heads
-  by cross-validation on these texts alone (no further calls).
+  Makes each candidate source's calls once per text (a label-contrast
+  embedding, option log-probabilities under each instruction, embeddings),
+  then fits a linear head per source (L2 by cross-validation on these texts
+  alone, no further calls); the program averages their logits.
 
   Args:
     texts: the training texts.
@@ -52,8 +53,8 @@ def fit(texts: Sequence[str], labels: Sequence[Any], *, model: str = DEFAULT_MOD
     instructions: candidate instructions, templates with `{labels}` and
       optionally `{text}` (see `xcs_jax.recipes.classify.DEFAULT_INSTRUCTIONS`).
     embeddings: also try embeddings of the texts.
-    max_sources: use only the first this-many candidate sources (a call
-      budget: `max_sources * len(texts)` calls).
+    max_sources: use only the first this-many candidate sources (fewer
+      calls: see `default_sources` for the order and `Source.calls_per_text`).
     seed: the cross-validation folds.
     batch_size: texts per batched host call.
     progress: tqdm bars on stderr.
