@@ -48,6 +48,14 @@ def write(path, rows, header=("text", "label"), sep="\t"):
   return str(path)
 
 
+@pytest.fixture(autouse=True)
+def fresh_runtime():
+  """Each test counts its own calls: a runtime of its own, without the response
+  cache (the cache test below makes one with it)."""
+  with xcs_jax.runtime(cache=False):
+    yield
+
+
 @pytest.fixture
 def files(tmp_path):
   return (write(tmp_path / "train.tsv", make_rows(30)),
@@ -84,6 +92,15 @@ def test_calls_are_counted_per_item_from_usage(files, capsys):
   after = sum(u["calls"] for u in xcs_jax.usage().values())
   assert summary["calls"] == after - before == 8 * 45
   assert summary["baseline"] is None
+
+
+def test_cache_hits_are_reported_and_not_counted_as_calls(files, tmp_path, capsys):
+  with xcs_jax.runtime(cache=True, cache_dir=str(tmp_path / "cache")):
+    first, _ = cli(capsys, "--train", files[0], "--eval", files[1], "--no-baseline")
+    again, _ = cli(capsys, "--train", files[0], "--eval", files[1], "--no-baseline")
+  assert (first["calls"], first["cache_hits"]) == (8 * 45, 0)
+  assert (again["calls"], again["cache_hits"]) == (0, 8 * 45)
+  assert again["eval_accuracy"] == first["eval_accuracy"]
 
 
 def test_budget_caps_every_call_of_the_run(files, capsys):
