@@ -82,6 +82,9 @@ def _on_loop(future, loop) -> asyncio.Future:
   return waiter
 
 
+_NOTHING_RESERVED = (None, ())   # (estimated tokens, budget reservations)
+
+
 @dataclasses.dataclass(frozen=True)
 class BindingOp(HostCallOp):
   """A host call made through a model binding's provider.
@@ -285,11 +288,12 @@ class BindingOp(HostCallOp):
     usage = runtime.usage
 
     def before(args):
-      tokens_in, tokens_out = self.estimate(args)
-
       def reserve(ctx):
         budgets = (ctx.scope.budgets if ctx.scope is not None else ()) + (
             (runtime.budget,) if runtime.budget is not None else ())
+        if not budgets and not limiter.active:
+          return _NOTHING_RESERVED, 0.0    # no estimate needed (the common case)
+        tokens_in, tokens_out = self.estimate(args)
         reservations = []
         try:
           for b in budgets:
@@ -306,12 +310,13 @@ class BindingOp(HostCallOp):
 
     def after(token, result, error, actx):
       estimated, reservations = token
-      used = reported_tokens(result) if error is None else (0, 0)
-      known = error is not None or isinstance(result, base.Completion)
-      for b, r in reservations:
-        if known:
-          b.settle(binding, r, *used)
-      limiter.settle(estimated, sum(used) if known else None)
+      if estimated is not None:
+        used = reported_tokens(result) if error is None else (0, 0)
+        known = error is not None or isinstance(result, base.Completion)
+        for b, r in reservations:
+          if known:
+            b.settle(binding, r, *used)
+        limiter.settle(estimated, sum(used) if known else None)
       limiter.observe(error, actx.headers)
     return before, after
 
