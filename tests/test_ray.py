@@ -132,7 +132,7 @@ def test_a_node_that_dies_mid_batch_loses_and_duplicates_nothing(cluster):
   extra = cluster.add_node(num_cpus=1)
   cluster.wait_for_nodes()
   with xcs_jax.runtime(name="on-ray-faults", executor="ray", cache=False) as rt:
-    b = models.bind("fake:echo", output_bytes=16, latency_s=1.0)
+    b = models.bind("fake:echo", output_bytes=16, latency_s=4.0)
     f = xcs_jax.jit(jax.vmap(b))
     f(prompts(6, "warm"))                  # actors started on all 3 nodes, plan compiled
     assert len(rt.remote.actors()) == 3
@@ -143,7 +143,11 @@ def test_a_node_that_dies_mid_batch_loses_and_duplicates_nothing(cluster):
       result["out"] = text.decode(f(prompts(n, "f")))
     t = threading.Thread(target=contextvars.copy_context().run, args=(run,))  # `rt` current
     t.start()
-    time.sleep(0.5)                        # the batch is in flight on every node
+    # Wait until the batch is in flight on every node (each call takes 4 s).
+    until = time.monotonic() + 30
+    while sum(rt.remote.sent.values()) < 6 + n and time.monotonic() < until:
+      time.sleep(0.05)
+    time.sleep(0.5)
     cluster.remove_node(extra, allow_graceful=False)   # kill its raylet and workers
     t.join(60)
     assert result["out"] == [f"f{i}" for i in range(n)]   # 0 lost, 0 duplicated
