@@ -250,6 +250,14 @@ class JitFunction:
 
   # --- calling --------------------------------------------------------------
   def __call__(self, *args, **kwargs):
+    if self._tensor_only:   # jax.jit's own dispatch, with nothing around it
+      try:
+        out = self._jax_jit(*args, **kwargs)
+        self._fast_calls += 1
+        return out
+      except (_HostCallsFound,  # a new signature with host calls
+              *_UNTRACEABLE):    # or one JAX cannot trace: the fallback path warns
+        self._tensor_only = False
     return self._call(current_runtime(), None, args, kwargs)
 
   async def call_async(self, *args, **kwargs):
@@ -280,14 +288,6 @@ class JitFunction:
       raise
 
   def _call(self, runtime: Runtime, scope: Scope | None, args, kwargs):
-    if self._tensor_only:
-      try:
-        out = self._jax_jit(*args, **kwargs)
-        self._fast_calls += 1
-        return out
-      except (_HostCallsFound,  # a new signature with host calls
-              *_UNTRACEABLE):    # or one JAX cannot trace: the fallback path warns
-        self._tensor_only = False
     leaves_all = jax.tree_util.tree_leaves((args, kwargs))
     if any(compat.is_tracer(x) for x in leaves_all):
       # Under an outer jax transformation (jit, grad, vmap, or xcs_jax.jit
