@@ -138,6 +138,29 @@ def _give_up(error: BaseException, delay: float | None, attempts: int,
   return timeout
 
 
+def _retry_delay(policy: RetryPolicy, error: Exception, attempt: int,
+                 ctx: CallContext) -> float:
+  """Seconds to wait before retrying after `error` failed attempt `attempt`
+  (the retry counted in the call's stats and trace); raises the error the
+  call ends with when it is not retried."""
+  delay = policy.delay(error, attempt, ctx)
+  if delay is None or delay == math.inf:
+    final = _give_up(error, delay, attempt + 1, ctx)
+    if final is error:
+      raise error
+    raise final from error
+  ctx.retrying(error, delay)  # per-call-site stats, the trace
+  return delay
+
+
+def _after_failure(request: "Request", token: Any, error: Exception, actx: CallContext,
+                   attempt: int, ctx: CallContext) -> float:
+  """`request.after` for a failed attempt, then `_retry_delay`."""
+  if request.after is not None:
+    request.after(token, None, error, actx)
+  return _retry_delay(request.policy, error, attempt, ctx)
+
+
 def transient_only(error: BaseException) -> bool:
   """The retry rule of host functions: only an explicit `TransientError`."""
   return isinstance(error, TransientError)
@@ -151,13 +174,7 @@ def attempts(call: Callable[[], Any], policy: RetryPolicy, ctx: CallContext) -> 
     try:
       return call()
     except Exception as e:
-      delay = policy.delay(e, attempt, ctx)
-      if delay is None or delay == math.inf:
-        final = _give_up(e, delay, attempt + 1, ctx)
-        if final is e:
-          raise
-        raise final from e
-      ctx.retrying(e, delay)
+      delay = _retry_delay(policy, e, attempt, ctx)
     ctx.sleep(delay)
     attempt += 1
 
@@ -177,15 +194,7 @@ def run(request: Request, ctx: CallContext) -> Any:
       try:
         result = request.method(request.binding, *request.args, actx)
       except Exception as e:
-        if request.after is not None:
-          request.after(token, None, e, actx)
-        delay = request.policy.delay(e, attempt, ctx)
-        if delay is None or delay == math.inf:
-          final = _give_up(e, delay, attempt + 1, ctx)
-          if final is e:
-            raise
-          raise final from e
-        ctx.retrying(e, delay)  # per-call-site stats, the trace
+        delay = _after_failure(request, token, e, actx, attempt, ctx)
       else:
         if request.after is not None:
           request.after(token, result, None, actx)
@@ -213,15 +222,7 @@ async def arun(request: Request, ctx: CallContext) -> Any:
       try:
         result = await request.method(request.binding, *request.args, actx)
       except Exception as e:
-        if request.after is not None:
-          request.after(token, None, e, actx)
-        delay = request.policy.delay(e, attempt, ctx)
-        if delay is None or delay == math.inf:
-          final = _give_up(e, delay, attempt + 1, ctx)
-          if final is e:
-            raise
-          raise final from e
-        ctx.retrying(e, delay)  # per-call-site stats, the trace
+        delay = _after_failure(request, token, e, actx, attempt, ctx)
       else:
         if request.after is not None:
           request.after(token, result, None, actx)
