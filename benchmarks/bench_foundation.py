@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
-import json
 import math
 import os
 import statistics
@@ -179,12 +178,7 @@ def main(argv=None) -> int:
   table = render(latency, overhead, env)
   print(table)
 
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(dict(env=env, latency=latency, overhead=overhead), f, indent=2)
-  with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
-    f.write(table + "\n")
-  print(f"\nwrote {args.out}")
+  environment.save(args.out, env, dict(latency=latency, overhead=overhead), table)
   ok = all(r["ok"] for r in latency) and all(r["ok"] is not False for r in overhead)
   return 0 if ok else 1
 

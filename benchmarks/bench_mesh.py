@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import argparse
 import contextvars
-import json
 import os
 import pathlib
 import statistics
@@ -347,11 +346,7 @@ def main(argv=None) -> int:
       sections[title] = [dict(case=f"failed: {type(e).__name__}: {e}", ok=False)]
   out = table(sections)
   print(out)
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(dict(env=env, sections=sections), f, indent=2)
-  with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
-    f.write(out + "\n")
+  environment.save(args.out, env, dict(sections=sections), out)
   missed = [r for rows in sections.values() for r in rows if r.get("ok") is False]
   return 1 if missed else 0
 

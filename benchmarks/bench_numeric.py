@@ -27,7 +27,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -170,12 +169,7 @@ def main(argv=None) -> int:
   fake = bench_fake(args.repeats)
   table = render(local, diff, fake, env)
   print(table)
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(dict(env=env, local=local, max_reuse_diff=diff, fake=fake), f, indent=2)
-  with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
-    f.write(table + "\n")
-  print(f"\nwrote {args.out}")
+  environment.save(args.out, env, dict(local=local, max_reuse_diff=diff, fake=fake), table)
   return 0 if all(r["ok"] is not False for r in fake) else 1
 
 

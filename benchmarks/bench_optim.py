@@ -30,10 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -46,8 +43,7 @@ import optax
 import xcs_jax
 from xcs_jax import models, optim, text
 
-# Timed without the response cache, which would answer repeated requests.
-os.environ.setdefault("XCS_JAX_CACHE", "off")
+import environment  # (timed without the response cache: see environment.py)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LATENCY_S = 0.1
@@ -175,7 +171,7 @@ def bench_steps() -> list[dict]:
 
 def render(acc, steps, env) -> str:
   out = [f"jax {env['jax']}, Python {env['python']}, {env['cpus']} CPUs "
-         f"({env['machine']}), {env['date']}, load average {env['load']:.1f}", "",
+         f"({env['machine']}), {env['date'][:10]}, load average {env['load_before']:.1f}", "",
          "**(a) `central` relative error vs analytic gradient (eager)**", "",
          "| function | dtype | relative error |", "|---|---|---|"]
   out += [f"| {r['case']} | {r['dtype']} | {r['rel_error']:.1e} |" for r in acc["central"]]
@@ -201,18 +197,12 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--out", default=os.path.join(HERE, "results", "optim.json"))
   args = parser.parse_args(argv)
-  env = dict(jax=jax.__version__, python=platform.python_version(), cpus=os.cpu_count(),
-             machine=platform.machine(), load=os.getloadavg()[0],
-             date=datetime.date.today().isoformat())
+  env = environment.describe("bench_optim.py", argv)
   acc = bench_accuracy()
   steps = bench_steps()
   table = render(acc, steps, env)
   print(table)
-  os.makedirs(os.path.dirname(args.out), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(dict(env=env, accuracy=acc, steps=steps), f, indent=2)
-  with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
-    f.write(table + "\n")
+  environment.save(args.out, env, dict(accuracy=acc, steps=steps), table)
   missed = []
   if max(r["rel_error"] for r in acc["central"] if r["dtype"] == "float64") > 1e-3:
     missed.append("central float64 relative error > 1e-3")

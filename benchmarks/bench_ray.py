@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import sys
@@ -136,12 +135,7 @@ def main(argv=None) -> int:
                  f"{r['task_us']:.0f} | {'yes' if r['ok'] else '**NO**'} |")
   table = "\n".join(lines)
   print(table)
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as fh:
-    json.dump(dict(env=env, floor_s=floor, rows=rows), fh, indent=2)
-  with open(os.path.splitext(args.out)[0] + ".md", "w") as fh:
-    fh.write(table + "\n")
-  print(f"wrote {args.out}")
+  environment.save(args.out, env, dict(floor_s=floor, rows=rows), table)
   return 0 if all(r["ok"] for r in rows) else 1
 
 

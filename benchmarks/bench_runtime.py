@@ -54,7 +54,6 @@ import _thread
 import argparse
 import collections
 import concurrent.futures as cf
-import json
 import os
 import statistics
 import sys
@@ -478,12 +477,7 @@ def main(argv=None) -> int:
   table = render(rows, env)
   print(table)
   print(f"\n(total {env['total_s']:.0f} s)")
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(dict(env=env, rows=rows), f, indent=2)
-  with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
-    f.write(table + "\n")
-  print(f"wrote {args.out}", flush=True)
+  environment.save(args.out, env, dict(rows=rows), table)
   return 0 if all(r["ok"] is not False for r in rows) else 1
 
 

@@ -28,7 +28,6 @@ import argparse
 import asyncio
 import concurrent.futures as cf
 import functools
-import json
 import os
 import statistics
 import subprocess
@@ -293,12 +292,7 @@ def main(argv=None) -> int:
   table = render(res, env)
   print(table)
   print(f"\n(total {env['total_s']:.0f} s)")
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "w") as f:
-    json.dump(dict(env=env, **res), f, indent=2)
-  with open(os.path.splitext(args.out)[0] + ".md", "w") as f:
-    f.write(table + "\n")
-  print(f"wrote {args.out}")
+  environment.save(args.out, env, res, table)
   ok = (all(r["ok"] for r in res["sum"]) and res["chain"]["ok"]
         and all(r["ok"] for r in res["memory"]))
   return 0 if ok else 1
