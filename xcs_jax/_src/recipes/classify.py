@@ -3,8 +3,8 @@
 `fit` learns a `Program` from labelled texts (see `learn.py` for what it
 fits and why); `run` is the whole recipe the command line runs:
 plan the calls within a budget, learn (or load) a program, run the
-prompt-search baseline at the same call budget, evaluate both, and return a
-summary. `main` is the command line (`python -m xcs_jax.recipes.classify`).
+prompt-search baseline (with a budget, on the same share of it as the
+program), evaluate both, and return a summary. `main` is the command line (`python -m xcs_jax.recipes.classify`).
 """
 from __future__ import annotations
 
@@ -123,8 +123,8 @@ def run(*, train: str | None = None, eval: str | None = None,  # pylint: disable
   """The whole recipe, as the command line runs it; returns its summary.
 
   Learns a program from the `train` file (or loads one from `load`),
-  evaluates it on the `eval` file, runs the prompt-search baseline at the
-  same call budget, and prints (through `out`) a table of what was tried.
+  evaluates it on the `eval` file, runs the prompt-search baseline (with a
+  budget, on the same share of it as the program), and prints (through `out`) a table of what was tried.
   Arguments are the command line's options (see `main`).
   """
   start = time.perf_counter()
