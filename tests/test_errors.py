@@ -211,6 +211,14 @@ def test_attempt_timeouts_are_retried_until_the_deadline_or_the_retry_cap():
   assert "timeout of 0.1 s" in str(e.value) and capped.usage().retries == 1
 
 
+def test_retries_until_no_deadline_is_an_error_at_bind():
+  # A call that keeps timing out would otherwise retry forever.
+  with pytest.raises(ValueError, match="retry forever.*retries=3.*deadline_s=600"):
+    models.bind("fake:echo", deadline_s=None)
+  assert models.bind("fake:echo", deadline_s=None, retries=2).get("deadline_s") is None
+  assert models.bind("fake:echo", retries=None).get("deadline_s") == 600.0
+
+
 def test_reset_usage():
   b = unique_binding()
   b(_encoded(["x"])[0])

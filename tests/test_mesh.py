@@ -408,6 +408,7 @@ def test_a_trace_shows_which_replica_answered(tmp_path, rt):
     (lambda a, b: models.mesh([a, b], eject_after=0), "positive int"),
     (lambda a, b: models.mesh([a, b], cooldown_s=float("inf")), "number of seconds"),
     (lambda a, b: models.mesh([a, b], retries=-1), "int >= 0"),
+    (lambda a, b: models.mesh([a, b], retries=None, deadline_s=None), "retry forever"),
     (lambda a, b: models.mesh([a, b], cache="always"), "'auto'"),
 ])
 def test_bad_meshes_are_clear_errors_when_made(make, message):

@@ -144,6 +144,16 @@ def check_seconds(value: Any, what: str, *, none_ok: bool = True,
   return number
 
 
+def check_retries_end(retries: int | None, deadline_s: float | None, where: str) -> None:
+  """Retries that end: `retries=None` (retry until the deadline) needs a deadline."""
+  if retries is None and deadline_s is None:
+    raise ValueError(
+        f"`{where}`: `retries=None` retries transient errors (timeouts too) until "
+        "`deadline_s`, and `deadline_s=None` sets no deadline, so a failing call would "
+        "retry forever. Pass a number of retries (e.g. `retries=3`) or a deadline "
+        "(e.g. `deadline_s=600`).")
+
+
 def check_bool(value: Any, what: str) -> bool:
   """True or False (a numpy bool too); never a truthy stand-in."""
   if not isinstance(value, (bool, np.bool_)):

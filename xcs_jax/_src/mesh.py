@@ -144,6 +144,7 @@ def mesh(bindings: Sequence[ModelBinding], *, strategy: str = "least_loaded",
                              cooldown_s=cooldown_s, concurrency=concurrency)
   for name, given in (("deadline_s", deadline_s), ("retries", retries), ("cache", cache)):
     options[name] = _call_param(replicas, name, given)
+  checks.check_retries_end(options["retries"], options["deadline_s"], "mesh(bindings)")
   params = {**{name: replicas[0].get(name) for name in SHARED_PARAMS}, **options,
             "replicas": replicas, "embedding_dim": known[0] if known else None}
   return ModelMesh("mesh", replicas[0].model, tuple(sorted(params.items())))

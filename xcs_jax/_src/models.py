@@ -230,6 +230,7 @@ def _check_common(spec: str, p: dict[str, Any]) -> None:
   p["deadline_s"] = checks.check_seconds(p["deadline_s"], arg("deadline_s"))
   p["retries"] = checks.check_int(p["retries"], arg("retries"), min_value=0, none_ok=True,
                                   fix="None retries transient errors until `deadline_s`.")
+  checks.check_retries_end(p["retries"], p["deadline_s"], f"bind({spec!r})")
   for name in ("rpm", "tpm"):
     p[name] = checks.check_number(p[name], arg(name), min_value=0, min_open=True,
                                   none_ok=True, fix="It is a rate per minute to the endpoint.")
