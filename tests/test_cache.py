@@ -105,6 +105,22 @@ def test_score_options_and_embed_are_cached_and_invalid_values_never_are(rt):
   assert b.usage().calls == 3
 
 
+@pytest.mark.parametrize("mode", ["eager", "xcs_jax.jit", "jax.jit"])
+def test_a_hit_this_binding_cannot_hold_fails_as_the_call_would(rt, mode):
+  # output_bytes does not key the cache (it does not change the answer): a
+  # narrower binding finds the wider one's answer, which it cannot hold.
+  wide = unique_binding("fake:echo", output_bytes=16)
+  narrow = wide.replace(output_bytes=2)
+  xs = prompts("a", "long answer")
+  jax.vmap(wide)(xs)                                   # both answers cached
+  run = {"eager": jax.vmap(narrow), "xcs_jax.jit": xcs_jax.jit(jax.vmap(narrow)),
+         "jax.jit": jax.jit(jax.vmap(narrow))}[mode]
+  error = jax.errors.JaxRuntimeError if mode == "jax.jit" else xcs_jax.XCSExecutionError
+  with pytest.raises(error, match=r"generate call to fake:echo(.|\n)*output_bytes=2"):
+    run(xs)
+  assert narrow.usage().calls == 0                     # answered (and refused) by the cache
+
+
 def test_identical_requests_in_flight_are_sent_once(rt, monkeypatch):
   rec = counting(monkeypatch, rt)
   b = unique_binding("fake:echo", latency_s=0.2, output_bytes=16)

@@ -794,6 +794,11 @@ class Job:
     if last:
       self._finish()
 
+  def fail_item(self, i: int, error: Exception) -> None:
+    """Fails the job with item i's `error` without running it (an answer from
+    the response cache that this call cannot use), as if the item had raised it."""
+    self._fail(self.wrap_error(error, i))
+
   def _fail(self, error: BaseException) -> None:
     with self._lock:
       if self._finished:
