@@ -4,7 +4,8 @@
 fits and why); `run` is the whole recipe the command line runs:
 plan the calls within a budget, learn (or load) a program, run the
 prompt-search baseline (with a budget, on the same share of it as the
-program), evaluate both, and return a summary. `main` is the command line (`python -m xcs_jax.recipes.classify`).
+program), evaluate both, and return a summary. `main` is the command line
+(`python -m xcs_jax.recipes.classify`).
 """
 from __future__ import annotations
 
