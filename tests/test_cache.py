@@ -168,6 +168,36 @@ def test_the_memory_cache_is_a_bounded_lru():
   assert c.lookup(("a",), disk=False) == 1 and len(c) == 2
 
 
+class _Doubling:
+  """An op whose outputs are made from a cached value (counting the makes)."""
+
+  def __init__(self):
+    self.made = 0
+
+  def outputs(self, value):
+    if value < 0:
+      raise ValueError(f"cannot hold {value}")
+    self.made += 1
+    return [np.asarray(2 * value)]
+
+
+def test_outputs_of_hits_are_made_once_per_op_and_bounded():
+  c = cache_lib.ResponseCache(memory_entries=3)
+  a, b = _Doubling(), _Doubling()
+  found = [(0, ("x",), 1), (1, ("y",), 2)]
+  out, failure = c.outputs_many(a, found)
+  assert failure is None and sorted((i, int(o[0])) for i, o in out) == [(0, 2), (1, 4)]
+  c.outputs_many(a, found)
+  assert a.made == 2                              # the second time: from the memo
+  c.outputs_many(b, found)                        # another op makes its own
+  assert b.made == 2
+  c.outputs_many(a, [(0, ("x",), 1)])             # b made 4 > 3: a's oldest went
+  assert a.made == 3 and c._outputs_count == 3
+  out, failure = c.outputs_many(a, [(0, ("z",), 3), (1, ("w",), -1), (2, ("v",), 5)])
+  assert [i for i, _ in out] == [0] and failure[0] == 1
+  assert "cannot hold -1" in str(failure[1])
+
+
 def test_the_disk_cache_is_private_and_moved_by_the_environment(tmp_path, monkeypatch):
   monkeypatch.setenv(cache_lib.CACHE_DIR_ENV, str(tmp_path / "moved"))
   assert cache_lib.default_cache_dir() == str(tmp_path / "moved")

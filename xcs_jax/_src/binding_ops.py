@@ -342,13 +342,10 @@ class BindingOp(HostCallOp):
     job.start(fed=False)
     if hits:
       runtime.usage.add(self.binding, cache_hits=len(hits))
-      answered = []
-      for i, v in hits.items():
-        try:
-          answered.append((i, cache.outputs(keys[i], self, lambda v=v: self.outputs(v))))
-        except Exception as e:  # e.g. an answer longer than this binding's output_bytes
-          job.fail_item(i, e)     # fails as the call would have
-          return job
+      answered, failure = cache.outputs_many(self, [(i, keys[i], v) for i, v in hits.items()])
+      if failure is not None:  # e.g. an answer longer than this binding's output_bytes
+        job.fail_item(*failure)  # fails as the call would have
+        return job
       job.resolve_many(answered)
     job.feed([i for i in range(n) if i not in hits])
     return job

@@ -174,7 +174,8 @@ class ResponseCache:
     self.memory_entries = memory_entries
     self.directory = directory or default_cache_dir()
     self._memory: collections.OrderedDict = collections.OrderedDict()
-    self._outputs: collections.OrderedDict = collections.OrderedDict()
+    self._outputs: collections.OrderedDict = collections.OrderedDict()  # op -> {key: outputs}
+    self._outputs_count = 0
     self._lock = threading.Lock()
     self._flights: dict = {}
     self._disk: _Disk | None = None
@@ -222,21 +223,54 @@ class ResponseCache:
       while len(self._memory) > self.memory_entries:
         self._memory.popitem(last=False)
 
-  def outputs(self, key: tuple, op: Any, make: Callable[[], Any]) -> Any:
-    """What `op` makes of the value under `key` (its arrays), made once and
-    kept beside the value: a hit costs a lookup, not a re-encoding."""
-    memo = (key, op)
+  def outputs_many(self, op: Any, found: list[tuple[int, tuple, Any]]
+                   ) -> tuple[list[tuple[int, Any]], tuple[int, Exception] | None]:
+    """What `op` makes of values found in the cache (`op.outputs(value)`, its
+    arrays) for `found`, a list of `(i, key, value)`: `([(i, outputs)], None)`,
+    or, where `op.outputs` raised for item i, `(those made so far, (i, error))`.
+
+    Outputs are made once per op and key and kept beside the values (a
+    bounded memo per op, oldest entries out first), so a hit costs a lookup,
+    not a re-encoding.
+    """
     with self._lock:
-      got = self._outputs.get(memo)
-      if got is not None:
-        self._outputs.move_to_end(memo)
-        return got
-    got = make()
-    with self._lock:
-      self._outputs[memo] = got
-      while len(self._outputs) > self.memory_entries:
-        self._outputs.popitem(last=False)
-    return got
+      memo = self._outputs.get(op)
+      if memo is not None:
+        self._outputs.move_to_end(op)
+      done, todo = [], []
+      for i, key, value in found:
+        got = None if memo is None else memo.get(key)
+        if got is None:
+          todo.append((i, key, value))
+        else:
+          done.append((i, got))
+    made, failure = [], None
+    for i, key, value in todo:
+      try:
+        made.append((i, key, op.outputs(value)))
+      except Exception as e:  # e.g. an answer longer than this op's output_bytes
+        failure = (i, e)
+        break
+    if made:
+      with self._lock:
+        memo = self._outputs.setdefault(op, {})
+        self._outputs.move_to_end(op)
+        for _, key, outputs in made:
+          if key not in memo:
+            memo[key] = outputs
+            self._outputs_count += 1
+        self._evict_outputs()
+    return done + [(i, outputs) for i, _, outputs in made], failure
+
+  def _evict_outputs(self) -> None:
+    """Drops the oldest memo entries (of the least recently used op first)
+    beyond `memory_entries` (with the lock held)."""
+    while self._outputs_count > self.memory_entries:
+      op, memo = next(iter(self._outputs.items()))
+      del memo[next(iter(memo))]
+      self._outputs_count -= 1
+      if not memo:
+        del self._outputs[op]
 
   def __len__(self) -> int:
     with self._lock:
@@ -247,6 +281,7 @@ class ResponseCache:
     with self._lock:
       self._memory.clear()
       self._outputs.clear()
+      self._outputs_count = 0
 
   # -- single flight -----------------------------------------------------------------
 
