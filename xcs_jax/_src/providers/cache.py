@@ -32,7 +32,7 @@ import sqlite3
 import threading
 import time
 import warnings
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import numpy as np
 
