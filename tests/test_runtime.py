@@ -276,10 +276,12 @@ class _AsyncSleeper(extend.Provider):
   name = "test_async"
   default_concurrency = 4096
   cancelled = 0
+  started = 0
 
   async def generate(self, binding, prompt, seed, ctx):
     if "BAD" in prompt:
       raise ValueError("bad prompt")
+    type(self).started += 1
     try:
       await asyncio.sleep(float(binding.get("system_prompt") or 0.0))
     except asyncio.CancelledError:
@@ -355,13 +357,17 @@ def test_call_async_never_blocks_the_event_loop(rt):
 
 
 def test_cancelling_the_awaiting_task_cancels_the_run(rt):
-  _AsyncSleeper.cancelled = 0
+  _AsyncSleeper.cancelled = _AsyncSleeper.started = 0
   slow = models.bind("test_async:m", system_prompt="30", output_bytes=8)
   f = xcs_jax.jit(jax.vmap(slow))
 
   async def main():
     task = asyncio.create_task(f.call_async(text.encode(["a", "b", "c"], 8)))
-    await asyncio.sleep(0.3)
+    for _ in range(1000):                # until all three calls are running
+      if _AsyncSleeper.started == 3:
+        break
+      await asyncio.sleep(0.01)
+    assert _AsyncSleeper.started == 3
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
       await task

@@ -188,34 +188,33 @@ class BindingOp(HostCallOp):
     return getattr(provider, self.method)
 
   def requests(self, runtime, *, single_attempt: bool = False):
-    """`request(args)`: the `retry.Request` of one call to the binding's
-    provider, retried per the binding's `retries` (one attempt only with
-    `single_attempt`: a mesh fails over instead), with budgets and the
-    endpoint's rate limiter around each attempt. A mesh's router makes its
-    own (each attempt goes to a replica, through that replica's requests)."""
+    """`request_for(args)`: the `retry.Request` that sends one call with `args`
+    to the binding's provider, retried per the binding's `retries` (one
+    attempt only with `single_attempt`: a mesh fails over instead), with
+    budgets and the endpoint's rate limiter around each attempt. One request
+    serves every call of a binding; a mesh's router makes one per call (each
+    attempt goes to a replica, through that replica's requests)."""
     provider = provider_of(self.binding, runtime)
     routed = getattr(provider, "requests", None)
     if routed is not None:
       return routed(self, runtime)
     if runtime.remote is None:
       provider.prepare(self.binding)     # clients live in the actors otherwise
-    method = self._method(runtime)
-    binding, usage = self.binding, runtime.usage
+    binding = self.binding
     policy = retry.RetryPolicy(0 if single_attempt else binding.get("retries"),
                                binding.get("timeout_s"), provider.is_transient,
                                provider.retry_after)
     before, after = self._limits_and_budgets(runtime)
-
-    def request(args):
-      return retry.Request(method, binding, args, policy, usage, before=before(args),
-                           after=after, tokens=reported_tokens)
-    return request
+    request = retry.Request(self._method(runtime), binding, policy, runtime.usage,
+                            before=before, after=after, tokens=reported_tokens)
+    return lambda args: request
 
   def prepare(self, runtime):
     method = self._method(runtime)
     binding, usage = self.binding, runtime.usage
     namespace = self.cache_namespace(runtime)
-    request = self.requests(runtime)
+    request_for = self.requests(runtime)
+    cached = runtime.cache_enabled
 
     def hit(value, ctx):
       usage.add(binding, cache_hits=1)
@@ -225,9 +224,10 @@ class BindingOp(HostCallOp):
 
     if base.is_async_method(method):
       async def acall(ctx, inputs):
-        p = self.prepared(runtime, namespace, inputs)
-        if p.key is None:
-          return self.outputs(await retry.arun(request(self.request_args(p.inputs)), ctx))
+        p = self.prepared(runtime, namespace, inputs) if cached else None
+        if p is None or p.key is None:
+          args = self.request_args(inputs)
+          return self.outputs(await retry.arun(request_for(args), args, ctx))
         cache = runtime.response_cache
         while True:
           value = cache.lookup(p.key, p.disk)
@@ -240,7 +240,8 @@ class BindingOp(HostCallOp):
           if value is not None:
             return hit(value, ctx)
         try:
-          value = await retry.arun(request(self.request_args(p.inputs)), ctx)
+          args = self.request_args(p.inputs)
+          value = await retry.arun(request_for(args), args, ctx)
           outputs = self.outputs(value)     # only checked values are kept
         except BaseException:
           cache.end(p.key)
@@ -251,9 +252,10 @@ class BindingOp(HostCallOp):
       return acall
 
     def call(ctx, inputs):
-      p = self.prepared(runtime, namespace, inputs)
-      if p.key is None:
-        return self.outputs(retry.run(request(self.request_args(p.inputs)), ctx))
+      p = self.prepared(runtime, namespace, inputs) if cached else None
+      if p is None or p.key is None:
+        args = self.request_args(inputs)
+        return self.outputs(retry.run(request_for(args), args, ctx))
       cache = runtime.response_cache
       while True:
         value = cache.lookup(p.key, p.disk)
@@ -268,7 +270,8 @@ class BindingOp(HostCallOp):
         if flight.result() is not None:
           return hit(flight.result(), ctx)
       try:
-        value = retry.run(request(self.request_args(p.inputs)), ctx)
+        args = self.request_args(p.inputs)
+        value = retry.run(request_for(args), args, ctx)
         outputs = self.outputs(value)       # only checked values are kept
       except BaseException:
         cache.end(p.key)
@@ -287,26 +290,24 @@ class BindingOp(HostCallOp):
     limiter.configure(binding.get("rpm"), binding.get("tpm"), key, concurrency)
     usage = runtime.usage
 
-    def before(args):
-      def reserve(ctx):
-        budgets = (ctx.scope.budgets if ctx.scope is not None else ()) + (
-            (runtime.budget,) if runtime.budget is not None else ())
-        if not budgets and not limiter.active:
-          return _NOTHING_RESERVED, 0.0    # no estimate needed (the common case)
-        tokens_in, tokens_out = self.estimate(args)
-        reservations = []
-        try:
-          for b in budgets:
-            reservations.append((b, b.reserve(binding, tokens_in, tokens_out)))
-        except BaseException:
-          for b, r in reservations:
-            b.settle(binding, r, 0, 0)
-          raise
-        wait = limiter.reserve(1, tokens_in + tokens_out) if limiter.active else 0.0
-        if wait > 0:
-          usage.add(binding, waited_s=wait)
-        return (tokens_in + tokens_out, reservations), wait
-      return reserve
+    def before(args, ctx):
+      scoped = ctx.scope.budgets if ctx.scope is not None else ()
+      if not scoped and runtime.budget is None and not limiter.active:
+        return _NOTHING_RESERVED, 0.0    # no estimate needed (the common case)
+      budgets = scoped + ((runtime.budget,) if runtime.budget is not None else ())
+      tokens_in, tokens_out = self.estimate(args)
+      reservations = []
+      try:
+        for b in budgets:
+          reservations.append((b, b.reserve(binding, tokens_in, tokens_out)))
+      except BaseException:
+        for b, r in reservations:
+          b.settle(binding, r, 0, 0)
+        raise
+      wait = limiter.reserve(1, tokens_in + tokens_out) if limiter.active else 0.0
+      if wait > 0:
+        usage.add(binding, waited_s=wait)
+      return (tokens_in + tokens_out, reservations), wait
 
     def after(token, result, error, actx):
       estimated, reservations = token
@@ -377,16 +378,25 @@ def seed_from_key(key_data: np.ndarray | None, default: int) -> int:
 
 
 def encode_answer(answer: str, binding) -> np.ndarray:
-  capacity = int(binding.get("output_bytes"))
-  truncate = binding.get("overflow") == "truncate"
-  try:
-    return text_lib.encode_one(answer.replace("\x00", ""), capacity, truncate=truncate,
-                               what="answer")
-  except ValueError as e:
-    raise ValueError(
-        f"the model's answer is {len(answer.encode())} UTF-8 bytes, more than the "
-        f"binding's `output_bytes={capacity}`: bind with a larger `output_bytes`, "
-        "or with `overflow='truncate'` to cut answers at a character boundary.") from e
+  """The model's answer as a row of the binding's `output_bytes` (NULs
+  dropped; cut at a character boundary with `overflow='truncate'`)."""
+  p = binding._by_name     # read-only, no copy: this runs once per call
+  capacity, truncate = p["output_bytes"], p["overflow"] == "truncate"
+  if isinstance(answer, str):
+    if "\x00" in answer:
+      answer = answer.replace("\x00", "")
+    try:
+      data = answer.encode("utf-8")
+    except UnicodeEncodeError:
+      data = None     # encode_one names the character
+    if data is not None and len(data) <= capacity:
+      return np.frombuffer(data.ljust(capacity, b"\x00"), np.uint8)
+    if data is not None and not truncate:
+      raise ValueError(
+          f"the model's answer is {len(data)} UTF-8 bytes, more than the "
+          f"binding's `output_bytes={capacity}`: bind with a larger `output_bytes`, "
+          "or with `overflow='truncate'` to cut answers at a character boundary.")
+  return text_lib.encode_one(answer, capacity, truncate=truncate, what="the model's answer")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -424,3 +434,9 @@ class GenerateOp(BindingOp):
 
   def outputs(self, value):
     return [encode_answer(value.text, self.binding)]
+
+  def collect(self, job):
+    # Every answer is a row of `output_bytes` uint8: one join, not a stack of
+    # n arrays (a fifth of the time at n = 1,000).
+    rows = b"".join([r[0].tobytes() for r in job.results])
+    return [np.frombuffer(bytearray(rows), np.uint8).reshape(job.n, -1)]

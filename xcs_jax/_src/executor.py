@@ -212,6 +212,7 @@ class Limits:
     self._lock = threading.Lock()
     self._by_key: dict[Any, _Limit] = {}
     self._caps: dict[Any, int] = {}
+    self.capped = self._caps     # truthy when any key has a cap (read without the lock)
     self._arrivals = itertools.count()
 
   def _room(self, key: Any, entry: _Limit, limit: int) -> bool:

@@ -261,17 +261,17 @@ class MeshRouter(base.Provider):
     return await self.attempt(_Call(self, _Plan(self, op), args), ctx)
 
   def requests(self, op, runtime):
-    """`request(args)`: one mesh call of `op`, as a `retry.Request` whose
+    """`request_for(args)`: one mesh call of `op`, as a `retry.Request` whose
     attempts are routed (see `BindingOp.requests`)."""
     plan = _Plan(self, op)
     mesh, usage, retries = op.binding, runtime.usage, op.binding.get("retries")
 
-    def request(args):
+    def request_for(args):
       call = _Call(self, plan, args)
       policy = _FailoverPolicy(retries, None, call.is_transient, call.retry_after,
                                fail_over=call.can_fail_over)
-      return retry.Request(call.attempt, mesh, args, policy, usage, tokens=reported_tokens)
-    return request
+      return retry.Request(call.attempt, mesh, policy, usage, tokens=reported_tokens)
+    return request_for
 
   # -- routing -------------------------------------------------------------------------
 
@@ -386,13 +386,13 @@ class MeshRouter(base.Provider):
     try:
       if call.plan.is_async[replica.index]:
         try:
-          result = await retry.arun(request, ctx)
+          result = await retry.arun(request, call.args, ctx)
         except BaseException as e:
           self._ended(replica, method, start, e)
           raise
         self._ended(replica, method, start, None)
       else:
-        result = await self._on_worker(replica, method, request, ctx, start)
+        result = await self._on_worker(replica, method, request, call.args, ctx, start)
     except Exception as e:
       call.failed(replica, e)
       raise
@@ -401,7 +401,7 @@ class MeshRouter(base.Provider):
     return result
 
   async def _on_worker(self, replica: Replica, method: str, request: retry.Request,
-                       ctx: CallContext, start: float) -> Any:
+                       args: tuple, ctx: CallContext, start: float) -> Any:
     """A sync replica's attempt, on one of the runtime's workers; it is
     accounted for when it really ends (a cancelled one may run on a while)."""
     branch = _Branch(ctx.scope)
@@ -411,7 +411,7 @@ class MeshRouter(base.Provider):
     def work():
       token = runtime._make_current()
       try:
-        return retry.run(request, worker_ctx)
+        return retry.run(request, args, worker_ctx)
       finally:
         runtime._reset_current(token)
 

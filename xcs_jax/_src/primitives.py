@@ -128,12 +128,8 @@ class HostCallOp:
     is_async = self.is_async(runtime)
     call = self.prepare(runtime)
 
-    if is_async:
-      async def item(i, ctx):
-        return await call(ctx, example(i))
-    else:
-      def item(i, ctx):
-        return call(ctx, example(i))
+    def item(i, ctx):   # async: the call's coroutine, for the lane to await
+      return call(ctx, example(i))
 
     def wrap_error(error, i):
       if isinstance(source, tuple):

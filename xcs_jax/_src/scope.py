@@ -100,11 +100,11 @@ class CallContext:
 
   @property
   def cancelled(self) -> bool:
-    return self.scope is not None and self.scope.cancelled
+    return self.scope is not None and self.scope._cancelled.is_set()
 
   def check(self) -> None:
     """Raises `XCSCancelledError` if the call's run failed or was interrupted."""
-    if self.scope is not None and self.scope.cancelled:
+    if self.scope is not None and self.scope._cancelled.is_set():
       raise XCSCancelledError(f"cancelled: {self.scope.cancel_reason}")
 
   def remaining(self) -> float | None:
@@ -113,7 +113,8 @@ class CallContext:
 
   def check_deadline(self) -> None:
     """`check()`, then `XCSTimeoutError` if the deadline has passed."""
-    self.check()
+    if self.scope is not None and self.scope._cancelled.is_set():
+      raise XCSCancelledError(f"cancelled: {self.scope.cancel_reason}")
     if self.deadline is not None and self.clock.now() > self.deadline:
       raise self.timeout_error()
 
@@ -125,11 +126,12 @@ class CallContext:
   def attempt(self, timeout_s: float | None) -> "CallContext":
     """A context for one attempt: this call's cancellation and clock, and a
     deadline `timeout_s` from now, or this call's deadline if that is sooner."""
-    child = CallContext(self.scope, timeout_s=timeout_s, clock=self.clock, index=self.index)
-    child.facts = self.facts
-    if self.deadline is not None and (child.deadline is None or self.deadline <= child.deadline):
-      child.deadline, child.timeout_s, child.what = self.deadline, self.timeout_s, self.what
-    return child
+    deadline = None if timeout_s is None else self.clock.now() + timeout_s
+    if self.deadline is not None and (deadline is None or self.deadline <= deadline):
+      return _context(self.scope, self.clock, self.index, self.what, self.timeout_s,
+                      self.deadline, None, self.facts)
+    return _context(self.scope, self.clock, self.index, "timeout_s", timeout_s, deadline,
+                    None, self.facts)
 
   def sleep(self, seconds: float) -> None:
     """Sleeps `seconds`, waking early (and raising) on cancellation or deadline."""
@@ -153,6 +155,20 @@ class CallContext:
   async def _sleep_to_deadline(self, left: float) -> None:
     await self.clock.sleep(left)
     raise self.timeout_error()
+
+
+def _context(scope, clock, index, what, timeout_s, deadline, hard_deadline,
+             facts) -> CallContext:
+  """A `CallContext` from its fields (on the hot path: twice per call)."""
+  ctx = _new(CallContext)
+  ctx.scope, ctx.clock, ctx.index, ctx.what = scope, clock, index, what
+  ctx.timeout_s, ctx.deadline, ctx.hard_deadline, ctx.facts = (timeout_s, deadline,
+                                                              hard_deadline, facts)
+  ctx.headers, ctx.abandoned, ctx.retries = None, False, 0
+  return ctx
+
+
+_new = object.__new__
 
 
 class _Lane:
@@ -385,6 +401,7 @@ class Job:
                source: Any = None, priority: float = 0.0, deadline_name: str = "timeout_s",
                eager_lanes: bool = False):
     self.scope = scope
+    self._limits = scope.runtime.limits
     self.n = n
     self.run_item = run_item
     self.limit_key = limit_key
@@ -522,8 +539,8 @@ class Job:
     self._request_lanes(want)
 
   def _maybe_grow(self) -> None:
-    """Called by an async lane about to wait in a call."""
-    if self._queue and self._lanes < self._max_lanes and not self._grow_scheduled:
+    """Called by an async lane about to wait in a call (while items are queued)."""
+    if self._lanes < self._max_lanes and not self._grow_scheduled:
       self._grow_scheduled = True
       asyncio.get_running_loop().call_soon(self._grow)
 
@@ -552,10 +569,10 @@ class Job:
 
   def _take(self, lane: _Lane) -> int | None:
     """The next fed item for a lane, or None: the lane ends."""
-    if self.scope.cancelled or self._finished:
+    if self._finished or self.scope._cancelled.is_set():
       return None
-    if self.limit_key is not None and self._queue and \
-        self.scope.runtime.limits.over_cap(self.limit_key):
+    if self.limit_key is not None and self._queue and self._limits.capped and \
+        self._limits.over_cap(self.limit_key):
       # The endpoint's adaptive concurrency went down: give this slot back, and
       # wait in line for a new one for the items left.
       with self._lock:
@@ -574,11 +591,11 @@ class Job:
       return None
 
   def _context(self, i: int) -> CallContext:
-    ctx = CallContext(self.scope, timeout_s=self.timeout_s, clock=self.scope.clock,
-                      hard=self.hard_timeout, index=i, what=self.deadline_name)
-    if self.trace is not None:
-      ctx.facts = {}
-    return ctx
+    timeout_s, clock = self.timeout_s, self.scope.clock
+    deadline = None if timeout_s is None else clock.now() + timeout_s
+    return _context(self.scope, clock, i, self.deadline_name, timeout_s, deadline,
+                    deadline if self.hard_timeout else None,
+                    None if self.trace is None else {})
 
   def fed_at(self, i: int) -> float:
     """When item i was ready to run (fed)."""
@@ -682,7 +699,8 @@ class Job:
           if self._watchdog is None:
             self._watchdog = loop.call_at(lane.deadline, self._time_out_lanes)
         self._busy += 1
-        self._maybe_grow()
+        if self._queue and not self._grow_scheduled:
+          self._maybe_grow()
         try:
           result, error = await self.run_item(i, ctx), None
         except asyncio.CancelledError:
@@ -743,7 +761,14 @@ class Job:
       self._fail(error if isinstance(error, XCSCancelledError)
                  else self.wrap_error(error, i))
       return False
-    self._complete(i, result)
+    self.results[i] = result
+    if self.on_item is not None:
+      self.on_item(i, result)
+    with self._lock:
+      self._left -= 1
+      last = self._left == 0 and not self._finished
+    if last:
+      self._finish()
     return True
 
   def _lane_ended(self, lane: _Lane, seconds: float, items: int) -> None:
@@ -770,16 +795,6 @@ class Job:
       self.scope.runtime.call_times.record(self.op, self.line, total / count)
 
   # -- completion ------------------------------------------------------------
-
-  def _complete(self, i: int, result: Any) -> None:
-    self.results[i] = result
-    if self.on_item is not None:
-      self.on_item(i, result)
-    with self._lock:
-      self._left -= 1
-      last = self._left == 0 and not self._finished
-    if last:
-      self._finish()
 
   def resolve_many(self, results) -> None:
     """Completes items without running them: `(i, result)` pairs (answers from

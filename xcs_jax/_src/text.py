@@ -27,6 +27,7 @@ def _utf8_prefix(data: bytes, max_len: int) -> bytes:
 
 def encode_one(s: str, max_len: int, *, truncate: bool = False,
                what: str = "text") -> np.ndarray:
+  """One string as a zero-padded row of `max_len` bytes (read-only)."""
   if not isinstance(s, str):
     checks.fail(TypeError, what, "a str", s)
   data = checks.check_utf8(s, what)
@@ -41,9 +42,7 @@ def encode_one(s: str, max_len: int, *, truncate: bool = False,
           f"raise `max_len` to at least {len(data)}, or pass `truncate=True` to "
           "cut it at a character boundary.")
     data = _utf8_prefix(data, max_len)
-  out = np.zeros((max_len,), np.uint8)
-  out[:len(data)] = np.frombuffer(data, np.uint8)
-  return out
+  return np.frombuffer(data.ljust(max_len, b"\x00"), np.uint8)
 
 
 def _shape_of(texts: Any) -> tuple[int, ...]:
@@ -104,11 +103,9 @@ def encode(s: TextLike, max_len: int, *, truncate: bool = False) -> np.ndarray:
 
 
 def decode_one(row: np.ndarray) -> str:
-  data = bytes(np.asarray(row, np.uint8))
-  end = data.find(b"\x00")
-  if end >= 0:
-    data = data[:end]
-  return data.decode("utf-8", errors="replace")
+  """The string in one row (up to its first NUL; invalid UTF-8 replaced)."""
+  data = np.asarray(row, np.uint8).tobytes()
+  return data.split(b"\x00", 1)[0].decode("utf-8", errors="replace")
 
 
 def decode(arr: Any) -> Any:

@@ -94,13 +94,22 @@ class FakeProvider(base.Provider):
     self._attempts: collections.OrderedDict = collections.OrderedDict()
     self._lock = threading.Lock()
 
-  async def _simulate(self, binding, prompt, ctx, request=()):
-    """The latency and injected failures every fake call goes through.
+  def _simulate(self, binding, prompt, ctx, request=()):
+    """The latency and injected failures every fake call goes through: an
+    awaitable, or None when the call has nothing to simulate.
 
     `request` tells apart distinct requests on the same prompt (a seed, the
     options), each with its own count of transient failures.
     """
     p = binding._by_name  # read-only, no copy: this runs once per call
+    if (p["fail_on"] is None and not p["latency_s"] and not p["transient_failures"]
+        and not p["transient_rate"]):
+      ctx.check()
+      return None
+    return self._simulated(binding, prompt, ctx, request)
+
+  async def _simulated(self, binding, prompt, ctx, request):
+    p = binding._by_name
     if p["fail_on"] is not None and p["fail_on"] in prompt:
       raise FakeProviderError(f"injected failure: prompt contains {p['fail_on']!r}")
     if p["latency_s"]:
@@ -122,11 +131,13 @@ class FakeProvider(base.Provider):
                                   f"rate {p['transient_rate']})")
 
   async def generate(self, binding, prompt, seed, ctx):
-    await self._simulate(binding, prompt, ctx, request=("generate", seed))
+    if (simulated := self._simulate(binding, prompt, ctx, ("generate", seed))) is not None:
+      await simulated
     return self._answer(binding.model, prompt, seed, binding._by_name)
 
   async def score_options(self, binding, prompt, options, ctx):
-    await self._simulate(binding, prompt, ctx, request=("score", options))
+    if (simulated := self._simulate(binding, prompt, ctx, ("score", options))) is not None:
+      await simulated
     bias = binding.get("option_bias")
     prompt_words = set(_words(prompt))
     logits = np.array([
@@ -138,7 +149,8 @@ class FakeProvider(base.Provider):
     return shifted - np.log(np.exp(shifted).sum())
 
   async def embed(self, binding, text, ctx):
-    await self._simulate(binding, text, ctx, request=("embed",))
+    if (simulated := self._simulate(binding, text, ctx, ("embed",))) is not None:
+      await simulated
     dim = self.embedding_dim(binding)
     vec = np.zeros(dim)
     for word in _words(text) or [""]:

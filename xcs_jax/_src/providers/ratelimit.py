@@ -131,6 +131,8 @@ class EndpointLimiter:
   def observe(self, error: BaseException | None, headers: Any = None) -> None:
     """After an attempt: a 429 halves the concurrency and pauses the endpoint;
     a success earns concurrency back; exhausted budgets in headers pause."""
+    if error is None and not headers and self.cap is None:
+      return     # the common case: nothing learnt
     status = getattr(error, "status", None) if error is not None else None
     now = time.monotonic()
     if status in (429, 503, 529):

@@ -72,57 +72,51 @@ class RetryPolicy:
     return wait
 
 
-class Metered:
-  """Usage accounting around one provider call (sync or async)."""
-
-  __slots__ = ("usage", "binding", "ctx", "start")
-
-  def __init__(self, usage, binding, ctx: CallContext):
-    self.usage, self.binding, self.ctx = usage, binding, ctx
-
-  def __enter__(self) -> "Metered":
-    self.start = time.perf_counter()
-    return self
-
-  def retried(self) -> None:
-    self.usage.add(self.binding, retries=1)
-
-  def __exit__(self, kind, error, tb) -> None:
-    seconds = time.perf_counter() - self.start
-    if self.ctx.abandoned:      # counted when it was abandoned
-      self.usage.add(self.binding, calls=1, seconds=seconds)
-    elif error is None:
-      return
-    elif isinstance(error, (XCSCancelledError, asyncio.CancelledError, KeyboardInterrupt)):
-      self.usage.add(self.binding, calls=1, cancelled=1, seconds=seconds)
-    else:
-      self.usage.add(self.binding, calls=1, errors=1, seconds=seconds)
-
-  def succeeded(self, prompt_tokens: int = 0, completion_tokens: int = 0) -> None:
-    self.usage.add_call(self.binding, time.perf_counter() - self.start, prompt_tokens,
-                        completion_tokens)
-    if self.ctx.facts is not None and (prompt_tokens or completion_tokens):
-      self.ctx.facts.update(prompt_tokens=prompt_tokens,   # a trace records this call
-                            completion_tokens=completion_tokens)
-
-
-@dataclasses.dataclass
 class Request:
-  """One provider request with what runs around each attempt.
+  """How one binding's calls are sent, made once per batch: the provider
+  method, the retry policy, the usage meter, and what runs around each attempt.
 
-  `before(ctx)` runs before every attempt (reserves budget and rate limits;
-  it may raise) and returns `(token, seconds to wait before sending)`;
-  `after(token, result, error, attempt_ctx)` runs after it (settles them,
-  notes 429s and the response's headers).
+  `before(args, ctx)` runs before every attempt (reserves budget and rate
+  limits; it may raise) and returns `(token, seconds to wait before
+  sending)`; `after(token, result, error, attempt_ctx)` runs after it
+  (settles them, notes 429s and the response's headers). `tokens(result)` is
+  the (prompt, completion) tokens an answer reports, for usage.
   """
-  method: Callable
-  binding: Any
-  args: tuple
-  policy: RetryPolicy
-  usage: Any
-  before: Callable[[CallContext], tuple[Any, float]] | None = None
-  after: Callable[[Any, Any, BaseException | None, CallContext], None] | None = None
-  tokens: Callable[[Any], tuple[int, int]] = lambda result: (0, 0)
+
+  __slots__ = ("method", "binding", "policy", "usage", "before", "after", "tokens")
+
+  def __init__(self, method: Callable, binding: Any, policy: RetryPolicy, usage: Any, *,
+               before: Callable[[tuple, CallContext], tuple[Any, float]] | None = None,
+               after: Callable[[Any, Any, BaseException | None, CallContext], None]
+               | None = None,
+               tokens: Callable[[Any], tuple[int, int]] = lambda result: (0, 0)):
+    self.method, self.binding, self.policy, self.usage = method, binding, policy, usage
+    self.before, self.after, self.tokens = before, after, tokens
+
+
+def _count_failure(request: Request, ctx: CallContext, error: BaseException,
+                   start: float) -> None:
+  """Usage of a call that ended with `error` (an abandoned one counts as a
+  call: its abandonment was counted when it happened)."""
+  seconds = time.perf_counter() - start
+  if ctx.abandoned:
+    request.usage.add(request.binding, calls=1, seconds=seconds)
+  elif isinstance(error, (XCSCancelledError, asyncio.CancelledError, KeyboardInterrupt)):
+    request.usage.add(request.binding, calls=1, cancelled=1, seconds=seconds)
+  else:
+    request.usage.add(request.binding, calls=1, errors=1, seconds=seconds)
+
+
+def _count_success(request: Request, ctx: CallContext, result: Any, start: float) -> None:
+  seconds = time.perf_counter() - start
+  if ctx.abandoned:
+    request.usage.add(request.binding, calls=1, seconds=seconds)
+    return
+  prompt_tokens, completion_tokens = request.tokens(result)
+  request.usage.add_call(request.binding, seconds, prompt_tokens, completion_tokens)
+  if ctx.facts is not None and (prompt_tokens or completion_tokens):
+    ctx.facts.update(prompt_tokens=prompt_tokens,   # a trace records this call
+                     completion_tokens=completion_tokens)
 
 
 def _give_up(error: BaseException, delay: float | None, attempts: int,
@@ -179,20 +173,21 @@ def attempts(call: Callable[[], Any], policy: RetryPolicy, ctx: CallContext) -> 
     attempt += 1
 
 
-def run(request: Request, ctx: CallContext) -> Any:
+def run(request: Request, args: tuple, ctx: CallContext) -> Any:
   """`method(binding, *args, attempt_ctx)`, retried per the policy (sync)."""
-  with Metered(request.usage, request.binding, ctx) as meter:
+  start = time.perf_counter()
+  try:
     attempt = 0
     while True:
       ctx.check_deadline()
       token = None
       if request.before is not None:
-        token, wait = request.before(ctx)
+        token, wait = request.before(args, ctx)
         if wait > 0:
           ctx.sleep(wait)     # a rate limit: counts against the deadline
       actx = ctx.attempt(request.policy.attempt_timeout_s)
       try:
-        result = request.method(request.binding, *request.args, actx)
+        result = request.method(request.binding, *args, actx)
       except Exception as e:
         delay = _after_failure(request, token, e, actx, attempt, ctx)
       else:
@@ -201,26 +196,29 @@ def run(request: Request, ctx: CallContext) -> Any:
         break
       ctx.sleep(delay)        # counts against the deadline
       attempt += 1
-      meter.retried()
-    if not ctx.abandoned:
-      meter.succeeded(*request.tokens(result))
-    return result
+      request.usage.add(request.binding, retries=1)
+  except BaseException as e:
+    _count_failure(request, ctx, e, start)
+    raise
+  _count_success(request, ctx, result, start)
+  return result
 
 
-async def arun(request: Request, ctx: CallContext) -> Any:
+async def arun(request: Request, args: tuple, ctx: CallContext) -> Any:
   """`run` for an `async def` provider method."""
-  with Metered(request.usage, request.binding, ctx) as meter:
+  start = time.perf_counter()
+  try:
     attempt = 0
     while True:
       ctx.check_deadline()
       token = None
       if request.before is not None:
-        token, wait = request.before(ctx)
+        token, wait = request.before(args, ctx)
         if wait > 0:
           await ctx.asleep(wait)
       actx = ctx.attempt(request.policy.attempt_timeout_s)
       try:
-        result = await request.method(request.binding, *request.args, actx)
+        result = await request.method(request.binding, *args, actx)
       except Exception as e:
         delay = _after_failure(request, token, e, actx, attempt, ctx)
       else:
@@ -229,6 +227,9 @@ async def arun(request: Request, ctx: CallContext) -> Any:
         break
       await ctx.asleep(delay)
       attempt += 1
-      meter.retried()
-    meter.succeeded(*request.tokens(result))
-    return result
+      request.usage.add(request.binding, retries=1)
+  except BaseException as e:
+    _count_failure(request, ctx, e, start)
+    raise
+  _count_success(request, ctx, result, start)
+  return result
